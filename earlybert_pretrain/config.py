@@ -1,0 +1,237 @@
+"""Configuration: dataclasses with the paper's defaults, YAML files that override them, ``key=value`` on the CLI.
+
+``load_config(PretrainConfig, "configs/pretrain_bert_base.yaml", ["phase1.lr=1e-3"])`` reads the YAML, applies the
+dotted overrides and builds the nested dataclasses, checking every key and type. An unknown key is refused with the
+closest known one suggested. In a YAML file, ``model: bert-base.yaml`` names a model file (looked up beside the
+config file, then in ``configs/``) instead of spelling the model out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .modeling import BertConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override the user can fix; the message names the file or key."""
+
+
+@dataclass
+class DataConfig:
+    shard_dir: str = "data/shards"  # the output of `earlybert-prep shard` (holds manifest.json)
+    seed: int = 12345
+    masked_lm_prob: float = 0.15
+    short_seq_prob: float = 0.1
+    whole_word_masking: bool = False
+
+
+@dataclass
+class PhaseConfig:
+    """One LAMB phase (paper Sec. 4.1). ``warmup`` is a fraction of the phase's steps (NVIDIA's recipe)."""
+
+    seq_len: int = 128
+    global_batch_size: int = 65536
+    micro_batch_size: int = 64
+    lr: float = 6e-3
+    warmup: float = 0.2843
+    max_predictions: int = 20
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "lamb"  # lamb | adamw
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+    weight_decay: float = 0.01  # not on biases and LayerNorm
+    decay_power: float = 0.5  # polynomial decay after warmup (NVIDIA's BERT recipe)
+    grad_clip: float = 1.0
+    fused: str = "auto"  # auto | apex | deepspeed | torch
+
+
+@dataclass
+class SearchConfig:
+    """Search and draw (paper Sec. 3.2 and 4.3: 400 steps of phase 1, lambda 1e-4, 4 heads / 30% FFN for base)."""
+
+    steps: int = 400
+    lam: float = 1e-4
+    lam_ffn: float | None = None  # None: the same lambda for heads and FFN neurons (Eq. 4)
+    heads_to_prune: float = 4  # an integer count per layer, or a ratio in (0, 1)
+    ffn_ratio: float = 0.3
+    ffn_scope: str = "global"  # global | layerwise
+    record_every: int = 10  # draw a ticket and feed the early-bird detector every this many steps
+    stop: str = "fixed"  # fixed | early-bird
+    early_bird_window: int = 5
+    early_bird_eps: float = 0.1
+
+
+@dataclass
+class EngineConfig:
+    precision: str = "auto"  # auto (bf16 on Ampere+, fp16 on V100, fp32 on CPU) | fp32 | bf16 | fp16
+    zero_stage: int = 0  # LAMB's per-tensor trust ratio is wrong under ZeRO >= 1 partitions
+    compile: bool = False  # torch.compile the encoder
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+
+@dataclass
+class PretrainConfig:
+    model: BertConfig = field(default_factory=BertConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    phase1: PhaseConfig = field(default_factory=PhaseConfig)
+    phase2: PhaseConfig = field(default_factory=lambda: PhaseConfig(
+        seq_len=512, global_batch_size=32768, micro_batch_size=16, lr=4e-3, warmup=0.128, max_predictions=80))
+    mode: str = "earlybert"  # earlybert | dense | random | ticket
+    ticket: str | None = None  # a ticket.json to train (mode "ticket")
+    total_steps: int = 8601  # Sec. 4.1
+    preset: str = "paper"  # paper: 9/10 of the steps at seq 128; nvidia: 7,038 + 1,563
+    pruned_step_fraction: float = 0.8  # Sec. 4.3: EarlyBERT trains 80% of the default steps in both phases
+    reinit: str = "rewind"  # rewind to the search's initial weights (theta_0) | random
+    output_dir: str = "runs/earlybert"
+    seed: int = 42
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(tp) or (Any,)
+        return [_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build_dataclass(tp, value, where)
+    if tp is float:
+        # YAML 1.1 reads "2e-3" (no dot) as a string; accept any spelling Python's float() accepts.
+        if isinstance(value, int | float | str) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown_key(cls: type, key: str, where: str) -> ConfigError:
+    known = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"{where}: unknown key {key!r} for {cls.__name__}{hint}")
+
+
+def build_dataclass(cls: type[T], values: dict, where: str = "config") -> T:
+    """Build ``cls`` from a (nested) dict, refusing unknown keys and wrong types with the key's dotted path."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(cls, key, where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``phase1.lr=1e-3`` -> (["phase1", "lr"], 0.001); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. phase1.lr=1e-3")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse the value ({err})") from None
+    return key.strip().split("."), value
+
+
+def _resolve_model_file(name: str, base_dir: Path) -> dict:
+    for candidate in (base_dir / name, CONFIG_DIR / name, Path(name)):
+        if candidate.is_file():
+            return read_yaml(candidate)
+    raise ConfigError(f"model file {name!r} not found beside the config ({base_dir}) or in {CONFIG_DIR}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    if isinstance(values.get("model"), str):
+        values["model"] = _resolve_model_file(values["model"], path.parent)
+    return values
+
+
+def _set_dotted(values: dict, keys: list[str], value: Any, text: str) -> None:
+    node = values
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {text!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
+    """Defaults, then the YAML file (if any), then ``key=value`` overrides; every key and type checked."""
+    values = read_yaml(path) if path else {}
+    where = str(path) if path else "config"
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["model"] and isinstance(value, str):
+            value = _resolve_model_file(value, Path(path).parent if path else CONFIG_DIR)
+        _set_dotted(values, keys, value, text)
+    return build_dataclass(cls, values, where)
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,83 @@
+"""Step timing as the paper's protocol (Sec. 4.1) and TensorBoard logging on rank 0.
+
+The protocol: time every training step on its own, excluding data I/O (the batch is fetched before the timer
+starts), CUDA-synchronised on GPU, and average over the whole run; EarlyBERT's time includes its search stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+
+class StepTimer:
+    """Accumulates per-step compute time; ``with timer.step(tokens=n): ...`` wraps exactly one training step."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.synchronize = torch.cuda.is_available() and torch.device(device).type == "cuda"
+        self.total_seconds = 0.0
+        self.steps = 0
+        self.tokens = 0
+        self.last_seconds = 0.0
+
+    @contextlib.contextmanager
+    def step(self, tokens: int = 0) -> Iterator[None]:
+        if self.synchronize:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.synchronize:
+            torch.cuda.synchronize()
+        self.last_seconds = time.perf_counter() - start
+        self.total_seconds += self.last_seconds
+        self.steps += 1
+        self.tokens += tokens
+
+    @property
+    def mean_step_seconds(self) -> float:
+        return self.total_seconds / self.steps if self.steps else 0.0
+
+    def summary(self) -> dict:
+        return {"steps": self.steps, "total_seconds": self.total_seconds,
+                "mean_step_seconds": self.mean_step_seconds, "tokens": self.tokens,
+                "tokens_per_second": self.tokens / self.total_seconds if self.total_seconds else 0.0}
+
+    def state_dict(self) -> dict:
+        return {"total_seconds": self.total_seconds, "steps": self.steps, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total_seconds, self.steps, self.tokens = state["total_seconds"], state["steps"], state["tokens"]
+
+
+class TensorBoardLogger:
+    """A SummaryWriter on rank 0 only; every call is a no-op elsewhere, so callers need not check the rank."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool = True):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(f"{prefix}{name}", float(value), step)
+
+    def histogram(self, name: str, values: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(name, values.detach().float().cpu(), step)
+
+    def image(self, name: str, image_hwc, step: int) -> None:
+        """``image_hwc``: a uint8 array of shape [H, W, 3]."""
+        if self.writer is not None:
+            self.writer.add_image(name, image_hwc, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
