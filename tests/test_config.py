@@ -71,3 +71,11 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("model: missing-model.yaml\n")
     with pytest.raises(ConfigError, match="model file 'missing-model.yaml' not found"):
         load_config(PretrainConfig, bad)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("pretrain_*.yaml")), ids=lambda p: p.name)
+def test_pretrain_recipes_load(path):
+    config = load_config(PretrainConfig, path)
+    assert config.phase1.global_batch_size % config.phase1.micro_batch_size == 0
+    assert config.phase2.global_batch_size % config.phase2.micro_batch_size == 0
+    assert config.model.num_hidden_layers >= 1
