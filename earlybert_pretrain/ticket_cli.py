@@ -1,0 +1,106 @@
+"""``earlybert-ticket``: inspect tickets drawn by the search stage.
+
+    earlybert-ticket report t.json [--config FILE] [--json]
+    earlybert-ticket distance a.json b.json
+    earlybert-ticket heatmap (history.json | t1.json t2.json ...) --output heatmap.png
+
+``--config`` is a model YAML (``configs/bert-base.yaml``), a pre-training YAML with a ``model`` section, or an
+HF-format model folder / its config.json; without it the report uses the geometry recorded in the ticket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import build_dataclass, read_yaml
+from .hf import read_config
+from .mask_history import HISTORY_FORMAT, MaskHistory
+from .modeling import BertConfig
+from .ticket import Ticket, mask_distance, render_report, ticket_report
+
+
+def load_model_config(path: str) -> BertConfig:
+    """A BertConfig from a model YAML, a pre-training YAML (its ``model`` section) or an HF folder / config.json."""
+    location = Path(path)
+    if location.is_dir():
+        return read_config(location)
+    if location.suffix == ".json":
+        return read_config(location.parent)
+    values = read_yaml(location)
+    if isinstance(values.get("model"), dict):
+        return build_dataclass(BertConfig, values["model"], f"{path}: model")
+    return build_dataclass(BertConfig, values, str(path))
+
+
+def _report(args: argparse.Namespace) -> None:
+    ticket = Ticket.load(args.ticket)
+    report = ticket_report(ticket, load_model_config(args.config) if args.config else None)
+    print(json.dumps(report, indent=2) if args.json else render_report(report))
+
+
+def _distance(args: argparse.Namespace) -> None:
+    distance = mask_distance(Ticket.load(args.a), Ticket.load(args.b))
+    print("  ".join(f"{kind}={value:.4f}" for kind, value in distance.items()))
+
+
+def _json_format(path: str) -> object:
+    """The file's "format" field, or None when it is unreadable (the real loader then says what is wrong)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _history_from(paths: list[str]) -> MaskHistory:
+    """One mask-history file, or ticket files ordered by their recorded step (file order when unrecorded)."""
+    if len(paths) == 1 and _json_format(paths[0]) == HISTORY_FORMAT:
+        return MaskHistory.load(paths[0])
+    tickets = [Ticket.load(path) for path in paths]
+    history = MaskHistory()
+    steps = [ticket.step if ticket.step is not None else index for index, ticket in enumerate(tickets)]
+    for step, ticket in sorted(zip(steps, tickets), key=lambda pair: pair[0]):
+        history.add(step, ticket)
+    return history
+
+
+def _heatmap(args: argparse.Namespace) -> None:
+    history = _history_from(args.inputs)
+    history.save_heatmap(args.output, kinds=tuple(args.kinds))
+    print(f"wrote {args.output} ({len(history)} masks, steps {history.steps[0]}..{history.steps[-1]})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="earlybert-ticket", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    report = commands.add_parser("report", help="per-layer kept units, parameters, FLOPs and predicted speed-up")
+    report.add_argument("ticket")
+    report.add_argument("--config", help="model YAML, pre-training YAML or HF model folder / config.json")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.set_defaults(run=_report)
+    distance = commands.add_parser("distance", help="normalised Hamming distance between two tickets' masks")
+    distance.add_argument("a")
+    distance.add_argument("b")
+    distance.set_defaults(run=_distance)
+    heatmap = commands.add_parser("heatmap", help="Figure-1 heatmap of pairwise mask distances (PNG)")
+    heatmap.add_argument("inputs", nargs="+", help="a mask-history JSON, or several ticket JSONs")
+    heatmap.add_argument("--output", "-o", required=True, help="PNG file to write")
+    heatmap.add_argument("--kinds", nargs="+", default=["head", "ffn"], choices=["head", "ffn", "combined"])
+    heatmap.set_defaults(run=_heatmap)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as err:
+        print(f"earlybert-ticket {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
