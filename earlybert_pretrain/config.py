@@ -70,6 +70,9 @@ class SearchConfig:
     heads_to_prune: float = 4  # an integer count per layer, or a ratio in (0, 1)
     ffn_ratio: float = 0.3
     ffn_scope: str = "global"  # global | layerwise
+    # Round each layer's kept FFN width to a multiple of this (total kept within half a multiple of the ratio):
+    # widths off a multiple of 8 ran ~15% slower per FLOP (benchmarks/pruned_vs_dense.py); 1 = exact widths.
+    ffn_multiple_of: int = 8
     record_every: int = 10  # draw a ticket and feed the early-bird detector every this many steps
     stop: str = "fixed"  # fixed | early-bird
     early_bird_window: int = 5

@@ -232,7 +232,7 @@ class SearchMonitor:
                 raise RuntimeError("data-parallel ranks disagree on the slimming coefficients; the replicas diverged")
         return draw_ticket(coefficients, self.search.heads_to_prune, self.search.ffn_ratio, self.search.ffn_scope,
                            config=engine.module.config, step=step, lam_heads=self.search.lam,
-                           lam_ffn=self.search.lam_ffn)
+                           lam_ffn=self.search.lam_ffn, ffn_multiple_of=self.search.ffn_multiple_of)
 
     def record(self, engine, step: int) -> bool:
         """Record a ticket at ``step``; True when the search should stop here (early-bird mode, detector fired)."""
@@ -412,7 +412,7 @@ def obtain_ticket(run: Run, dense_steps: dict[str, int]) -> Ticket | None:
         return run_search(run, dense_steps)
     if cfg.mode == "random":
         ticket = random_ticket(cfg.model, cfg.search.heads_to_prune, cfg.search.ffn_ratio, cfg.search.ffn_scope,
-                               seed=cfg.seed)
+                               seed=cfg.seed, ffn_multiple_of=cfg.search.ffn_multiple_of)
     else:
         ticket = Ticket.load(cfg.ticket)
         ticket.check_fits(cfg.model)

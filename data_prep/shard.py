@@ -1,0 +1,274 @@
+"""`shard`: tokenize the sentences with `tokenizers` across workers into token-balanced ``.bin``/``.idx`` shards.
+
+1. Tokenize (``data_prep.fast_tokenize``, ids identical to `tokenizers`): each sentences chunk ->
+   ``shards/tokenized/<chunk>.tokens.npy`` + ``.meta.npz`` (per-sentence lengths,
+   per-document sentence and token counts, train/validation flag). The meta file is renamed into place last, so
+   it marks a finished chunk. A document goes to validation when a hash of (split seed, document id) falls below
+   ``validation_fraction``: stable under reordering and resumption.
+2. Plan: per split, documents are dealt to shards largest first, each to the shard with the fewest tokens so far
+   (LPT scheduling) — balanced to far better than 1% once there are a few dozen documents per shard. Within a
+   shard, documents keep dump order.
+3. Write: each shard's ``.bin``/``.idx`` are written under temp names and renamed (``.idx`` last: a shard counts as
+   done only with both). Then ``manifest.json``, and the tokenized/ scratch directory is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from data_prep.common import (
+    MANIFEST,
+    PrepError,
+    atomic_path,
+    begin_stage,
+    manifest_digest,
+    ordered_parallel_map,
+    remove_stale_tmp,
+    require_manifest,
+    sha256_file,
+    stage_done,
+    write_json_atomic,
+)
+from data_prep.fast_tokenize import BatchTokenizer
+from data_prep.indexed import IndexedShard, token_dtype, write_index
+from data_prep.vocab import TOKENIZER_FILE, VOCAB_FILE, read_vocab
+
+STAGE = "shard"
+SCRATCH = "tokenized"
+SPLITS = ("train", "validation")
+ENCODE_BATCH = 4096
+BALANCE_TOLERANCE = 0.01
+
+_tokenizer: BatchTokenizer | None = None  # one per worker process, loaded by _init_worker
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _tokenizer
+    _tokenizer = BatchTokenizer(Tokenizer.from_file(tokenizer_path))
+
+
+def is_validation(doc_id: str, split_seed: int, fraction: float) -> bool:
+    digest = hashlib.blake2b(f"{split_seed}:{doc_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def _tokenize_chunk(task: tuple[Path, Path, int, float, str]) -> str:
+    """Worker task: one sentences chunk -> its tokens (.npy) and meta (.npz)."""
+    source, scratch, split_seed, fraction, dtype_name = task
+    docs = []
+    with open(source, encoding="utf-8") as handle:
+        for line in handle:
+            doc = json.loads(line)
+            docs.append((str(doc.get("id") or doc.get("title", "")), doc["sentences"]))
+    sentences = [s for _, doc_sentences in docs for s in doc_sentences]
+    lengths = np.zeros(len(sentences), dtype=np.int64)
+    pieces = []
+    for start in range(0, len(sentences), ENCODE_BATCH):
+        encoded = _tokenizer.encode(sentences[start : start + ENCODE_BATCH])
+        lengths[start : start + len(encoded)] = [len(ids) for ids in encoded]
+        pieces.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    # Sentences that tokenize to nothing (stray symbols) are dropped, then documents left without sentences.
+    per_doc = np.array([len(s) for _, s in docs], dtype=np.int64)
+    doc_of_sentence = np.repeat(np.arange(len(docs)), per_doc)
+    keep = lengths > 0
+    doc_sentences = np.bincount(doc_of_sentence[keep], minlength=len(docs))
+    doc_tokens = np.bincount(doc_of_sentence[keep], weights=lengths[keep], minlength=len(docs)).astype(np.int64)
+    kept_docs = doc_sentences > 0
+    flags = np.array([is_validation(doc_id, split_seed, fraction) for doc_id, _ in docs], dtype=bool)
+    base = scratch / source.stem
+    with atomic_path(base.with_suffix(".tokens.npy")) as tmp, open(tmp, "wb") as out:
+        np.save(out, tokens.astype(dtype_name))
+    with atomic_path(base.with_suffix(".lengths.npy")) as tmp, open(tmp, "wb") as out:
+        np.save(out, lengths[keep].astype(np.int32))
+    with atomic_path(base.with_suffix(".meta.npz")) as tmp, open(tmp, "wb") as out:
+        np.savez(out, doc_sentences=doc_sentences[kept_docs], doc_tokens=doc_tokens[kept_docs],
+                 doc_validation=flags[kept_docs], max_token_id=np.int64(tokens.max() if len(tokens) else -1))
+    return source.name
+
+
+def plan_shards(doc_tokens: np.ndarray, num_shards: int) -> np.ndarray:
+    """Shard of each document: largest first onto the lightest shard (ties: lower shard, earlier document)."""
+    assignment = np.zeros(len(doc_tokens), dtype=np.int64)
+    heap = [(0, shard) for shard in range(num_shards)]
+    for doc in np.argsort(-doc_tokens, kind="stable"):
+        load, shard = heapq.heappop(heap)
+        assignment[doc] = shard
+        heapq.heappush(heap, (load + int(doc_tokens[doc]), shard))
+    return assignment
+
+
+class _Chunks:
+    """All tokenized chunks, with global document numbering in corpus order (the small per-document arrays only)."""
+
+    def __init__(self, scratch: Path, stems: list[str]) -> None:
+        self.scratch, self.stems = scratch, stems
+        meta = [dict(np.load(scratch / f"{stem}.meta.npz")) for stem in stems]
+        self.doc_chunk = np.concatenate([np.full(len(m["doc_tokens"]), i) for i, m in enumerate(meta)])
+        self.doc_tokens = np.concatenate([m["doc_tokens"] for m in meta])
+        self.doc_sentences = np.concatenate([m["doc_sentences"] for m in meta])
+        self.doc_validation = np.concatenate([m["doc_validation"] for m in meta])
+        self.max_token_id = max(int(m["max_token_id"]) for m in meta)
+        # Where each document starts inside its own chunk's token and sentence-length arrays.
+        self.doc_token_start = np.concatenate([np.cumsum(m["doc_tokens"]) - m["doc_tokens"] for m in meta])
+        self.doc_sentence_start = np.concatenate([np.cumsum(m["doc_sentences"]) - m["doc_sentences"] for m in meta])
+
+    def shard_task(self, docs: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """Per chunk: its file stem and the [token start, tokens, sentence start, sentences] rows of ``docs``."""
+        task = []
+        for chunk in np.unique(self.doc_chunk[docs]):
+            mine = docs[self.doc_chunk[docs] == chunk]
+            rows = np.stack([self.doc_token_start[mine], self.doc_tokens[mine], self.doc_sentence_start[mine],
+                             self.doc_sentences[mine]], axis=1)
+            task.append((self.stems[chunk], rows))
+        return task
+
+
+def _write_shard(task: tuple[Path, str, list[tuple[str, np.ndarray]], Path, str]) -> dict[str, Any]:
+    """Worker task: gather one shard's documents (memory-mapped, chunk by chunk) into its .bin/.idx pair."""
+    out_dir, name, docs_by_chunk, scratch, dtype_name = task
+    bin_path, idx_path = out_dir / f"{name}.bin", out_dir / f"{name}.idx"
+    lengths_parts, doc_sentence_counts = [], []
+    digest = hashlib.sha256()
+    max_id = -1
+    with atomic_path(idx_path) as idx_tmp, atomic_path(bin_path) as bin_tmp:
+        with open(bin_tmp, "wb") as out:
+            for stem, rows in docs_by_chunk:
+                tokens = np.load(scratch / f"{stem}.tokens.npy", mmap_mode="r")
+                lengths = np.load(scratch / f"{stem}.lengths.npy", mmap_mode="r")
+                for token_start, token_count, sentence_start, sentence_count in rows.tolist():
+                    piece = np.asarray(tokens[token_start : token_start + token_count])
+                    max_id = max(max_id, int(piece.max()))
+                    out.write(piece.tobytes())
+                    digest.update(piece.tobytes())
+                    lengths_parts.append(lengths[sentence_start : sentence_start + sentence_count])
+                doc_sentence_counts.extend(rows[:, 3].tolist())
+        lengths = np.concatenate(lengths_parts) if lengths_parts else np.zeros(0, dtype=np.int32)
+        document_index = np.concatenate([[0], np.cumsum(doc_sentence_counts, dtype=np.int64)])
+        idx_sha = write_index(idx_tmp, np.dtype(dtype_name), lengths, document_index)
+        # The inner context (.bin) is renamed first, so a finished .idx always has its .bin beside it.
+    return {"bin": bin_path.name, "idx": idx_path.name, "documents": len(doc_sentence_counts),
+            "sentences": int(len(lengths)), "tokens": int(lengths.sum()), "max_token_id": max_id,
+            "bin_sha256": digest.hexdigest(), "idx_sha256": idx_sha,
+            "bin_bytes": bin_path.stat().st_size, "idx_bytes": idx_path.stat().st_size}
+
+
+def _existing_shard(out_dir: Path, name: str, dtype: np.dtype) -> dict[str, Any]:
+    shard = IndexedShard(out_dir / f"{name}.bin", out_dir / f"{name}.idx")
+    return {"bin": f"{name}.bin", "idx": f"{name}.idx", "documents": shard.num_documents,
+            "sentences": shard.num_sentences, "tokens": shard.num_tokens,
+            "max_token_id": int(shard.tokens.max()) if shard.num_tokens else -1,
+            "bin_sha256": sha256_file(shard.bin_path), "idx_sha256": sha256_file(shard.idx_path),
+            "bin_bytes": shard.bin_path.stat().st_size, "idx_bytes": shard.idx_path.stat().st_size}
+
+
+def imbalance(tokens: list[int]) -> float:
+    """Largest relative deviation of a shard's token count from the mean (0.01 = ±1%)."""
+    mean = sum(tokens) / len(tokens) if tokens else 0
+    return max(abs(t - mean) / mean for t in tokens) if mean else 0.0
+
+
+def shard_corpus(
+    sentences_dir: str | Path,
+    vocab_dir: str | Path,
+    out_dir: str | Path,
+    num_shards: int = 8,
+    validation_fraction: float = 0.01,
+    num_validation_shards: int = 1,
+    split_seed: int = 12345,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Run the stage; returns the shard manifest (also written to ``out_dir/manifest.json``)."""
+    sentences_dir, vocab_dir, out_dir = Path(sentences_dir), Path(vocab_dir), Path(out_dir)
+    if num_shards < 1 or num_validation_shards < 1:
+        raise PrepError(f"--num-shards and --num-validation-shards must be >= 1 (got {num_shards}, "
+                        f"{num_validation_shards})")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise PrepError(f"--validation-fraction must be in [0, 1) (got {validation_fraction})")
+    upstream = require_manifest(sentences_dir, "sentences")
+    vocab_manifest = require_manifest(vocab_dir, "vocab")
+    vocab = read_vocab(vocab_dir / VOCAB_FILE)
+    vocab_sha = sha256_file(vocab_dir / VOCAB_FILE)
+    dtype = token_dtype(len(vocab))
+    params = {"input": str(sentences_dir.resolve()), "input_manifest": manifest_digest(upstream),
+              "vocab_sha256": vocab_sha, "num_shards": num_shards, "validation_fraction": validation_fraction,
+              "num_validation_shards": num_validation_shards, "split_seed": split_seed}
+    if done := stage_done(out_dir, STAGE, params):
+        return done
+    scratch = out_dir / SCRATCH
+    begin_stage(out_dir, params, ["*.bin", "*.idx", SCRATCH])
+    scratch.mkdir(exist_ok=True)
+    remove_stale_tmp(scratch)
+    # Tokenizer parallelism comes from our worker processes; Rust threads on top would oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+    stems = [Path(f["name"]).stem for f in upstream["files"]]
+    todo = [(sentences_dir / f"{stem}.jsonl", scratch, split_seed, validation_fraction, dtype.name)
+            for stem in stems if not (scratch / f"{stem}.meta.npz").exists()]
+    results = ordered_parallel_map(_tokenize_chunk, todo, workers, _init_worker, (str(vocab_dir / TOKENIZER_FILE),))
+    for _ in tqdm(results, total=len(todo), desc="tokenize", unit=" chunks", disable=None):
+        pass
+
+    chunks = _Chunks(scratch, stems)
+    if chunks.max_token_id >= len(vocab):
+        raise PrepError(f"{vocab_dir / TOKENIZER_FILE}: produced token id {chunks.max_token_id} >= vocab size "
+                        f"{len(vocab)} of {vocab_dir / VOCAB_FILE}")
+    tasks, planned = [], {}
+    for split, count in (("train", num_shards), ("validation", num_validation_shards)):
+        docs = np.flatnonzero(chunks.doc_validation == (split == "validation"))
+        if len(docs) == 0:
+            if split == "train":
+                raise PrepError(f"{sentences_dir}: no training documents (validation fraction {validation_fraction})")
+            planned[split] = []
+            continue
+        count = min(count, len(docs))
+        assignment = plan_shards(chunks.doc_tokens[docs], count)
+        planned[split] = []
+        for shard in range(count):
+            name = f"{split}_{shard:05d}"
+            planned[split].append(name)
+            if not ((out_dir / f"{name}.bin").exists() and (out_dir / f"{name}.idx").exists()):
+                tasks.append((out_dir, name, chunks.shard_task(docs[assignment == shard]), scratch, dtype.name))
+    written = {}
+    for entry in tqdm(ordered_parallel_map(_write_shard, tasks, workers), total=len(tasks), desc="shards",
+                      disable=None):
+        written[entry["bin"]] = entry
+
+    splits = {split: [written.get(f"{name}.bin") or _existing_shard(out_dir, name, dtype) for name in names]
+              for split, names in planned.items()}
+    for name in (VOCAB_FILE, TOKENIZER_FILE):
+        with atomic_path(out_dir / name) as tmp:
+            shutil.copyfile(vocab_dir / name, tmp)
+    balance = {split: imbalance([f["tokens"] for f in files]) for split, files in splits.items()}
+    if balance["train"] > BALANCE_TOLERANCE:
+        print(f"warning: {out_dir}: train shards differ by up to {balance['train']:.1%} in tokens "
+              f"(too few or too uneven documents for {len(splits['train'])} shards)", file=sys.stderr)
+    manifest = {
+        "stage": STAGE,
+        "format": "earlybert-shards-v1",
+        "params": params,
+        "dtype": dtype.name,
+        "vocab": {"file": VOCAB_FILE, "sha256": vocab_sha, "size": len(vocab),
+                  "special_tokens": vocab_manifest["special_tokens"]},
+        "tokenizer": {**vocab_manifest["tokenizer"], "file": TOKENIZER_FILE,
+                      "sha256": sha256_file(out_dir / TOKENIZER_FILE)},
+        "splits": splits,
+        "balance": balance,
+        "totals": {split: {key: sum(f[key] for f in files) for key in ("documents", "sentences", "tokens")}
+                   for split, files in splits.items()},
+    }
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    shutil.rmtree(scratch)
+    return manifest

@@ -1,0 +1,354 @@
+"""Pre-training data: memory-mapped token shards -> BERT MLM/NSP examples -> rank-disjoint micro-batches.
+
+Shards are the ``.bin``/``.idx`` pairs and ``manifest.json`` written by ``earlybert-prep shard`` (format in
+``data_prep.indexed``). Examples follow BERT's ``create_pretraining_data.py``, with masking done at load time:
+
+* Sample plan (once per corpus, seed, max_seq_len): every document is cut into chunks of consecutive sentences
+  that reach a target length — ``max_seq_len - 3`` tokens, or with probability ``short_seq_prob`` a random
+  length in ``[2, max_seq_len - 3]``. Unlike BERT a chunk always holds >= 2 sentences (a lone sentence at a
+  document's end joins the chunk before it; one-sentence documents start no chunk), so the NSP coin below is a
+  fair 50/50 rather than forced to "random" for one-sentence chunks.
+* Example: segment A is the chunk's first ``a_end`` sentences (``a_end`` uniform in [1, n-1]); with probability
+  0.5 segment B is the rest of the chunk (label 0), else sentences from a random start in a random other document,
+  up to the remaining target length (label 1, the transformers convention). The pair is truncated to
+  ``max_seq_len - 3`` from the longer side, each token from the front or back at random, then laid out as
+  ``[CLS] A [SEP] B [SEP]`` with token types 0/1 and padded.
+* Masking: ``min(max_predictions, max(1, round(len * masked_lm_prob)))`` positions (len counts [CLS]/[SEP], as
+  BERT does), chosen among the A/B tokens — whole words when ``whole_word_masking`` — then 80% [MASK], 10% a
+  random regular token, 10% unchanged. ``labels`` holds the original id there and -100 elsewhere.
+
+Determinism: epoch ``e`` visits the plan's chunks in the order ``default_rng([seed, e]).permutation(n)``; the
+example at position ``i`` of epoch ``e`` draws every random choice (split, NSP, random document, truncation,
+masking) from ``default_rng([seed, e, i])``. So an example is a pure function of (seed, epoch, index in epoch)
+and global sample ``g`` is (epoch ``g // n``, index ``g % n``): a run resumed at ``start_sample=g`` sees exactly
+the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep.indexed import IndexedShard
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+IGNORE_INDEX = -100
+RANDOM_NEXT_TRIES = 10
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    """The shard directory's manifest; ValueError naming the file when it is missing or not a shard manifest."""
+    path = Path(shard_dir) / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"{path}: shard manifest not found (run `earlybert-prep shard` or `all` first)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if manifest.get("format") != "earlybert-shards-v1":
+        raise ValueError(f"{path}: not an earlybert-shards-v1 manifest")
+    return manifest
+
+
+def check_vocab(shard_dir: str | Path, model_vocab_size: int, model_vocab_path: str | Path | None = None) -> None:
+    """Raise ValueError when the shards were tokenized with another vocabulary than the model's.
+
+    Compares sizes always, and the vocab file's sha256 when the model's ``vocab.txt`` is given.
+    """
+    manifest_path = Path(shard_dir) / "manifest.json"
+    vocab = load_manifest(shard_dir)["vocab"]
+    if vocab["size"] != model_vocab_size:
+        raise ValueError(
+            f"{manifest_path}: shards use a vocab of {vocab['size']} tokens but the model has {model_vocab_size}"
+        )
+    if model_vocab_path is not None and _sha256(Path(model_vocab_path)) != vocab["sha256"]:
+        raise ValueError(
+            f"{manifest_path}: shards were tokenized with vocab sha256 {vocab['sha256'][:12]}..., "
+            f"not with the model's {model_vocab_path}"
+        )
+
+
+class ShardedCorpus:
+    """The documents of one split, memory-mapped across its shards (nothing is read until sampled)."""
+
+    def __init__(self, shard_dir: str | Path, split: str = "train", verify: bool = False) -> None:
+        self.shard_dir = Path(shard_dir)
+        self.manifest_path = self.shard_dir / "manifest.json"
+        manifest = load_manifest(self.shard_dir)
+        entries = manifest["splits"].get(split) or []
+        if not entries:
+            raise ValueError(f"{self.manifest_path}: no shards for split '{split}'")
+        self.split = split
+        self.vocab_size: int = manifest["vocab"]["size"]
+        self.vocab_path = self.shard_dir / manifest["vocab"]["file"]
+        self.vocab = self._read_vocab(manifest["vocab"]["sha256"])
+        self.special_ids = {token: self.vocab.index(token) for token in SPECIAL_TOKENS}
+        self.shards = [self._open_shard(entry, verify) for entry in entries]
+        # Global document table: which shard, first sentence in that shard, sentence count.
+        self.doc_shard = np.concatenate(
+            [np.full(s.num_documents, i, dtype=np.int32) for i, s in enumerate(self.shards)]
+        )
+        starts = [np.asarray(s.document_index, dtype=np.int64) for s in self.shards]
+        self.doc_first = np.concatenate([d[:-1] for d in starts])
+        self.doc_sentences = np.concatenate([np.diff(d) for d in starts])
+        self.num_documents = len(self.doc_shard)
+        self.num_sentences = sum(s.num_sentences for s in self.shards)
+        self.num_tokens = sum(s.num_tokens for s in self.shards)
+
+    def _read_vocab(self, expected_sha256: str) -> list[str]:
+        if not self.vocab_path.is_file():
+            raise ValueError(f"{self.vocab_path}: vocab file named in {self.manifest_path} not found")
+        if _sha256(self.vocab_path) != expected_sha256:
+            raise ValueError(f"{self.vocab_path}: sha256 differs from the one in {self.manifest_path}")
+        tokens = self.vocab_path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+        missing = [t for t in SPECIAL_TOKENS if t not in tokens]
+        if missing:
+            raise ValueError(f"{self.vocab_path}: vocab lacks the special token(s) {', '.join(missing)}")
+        if len(tokens) != self.vocab_size:
+            raise ValueError(f"{self.vocab_path}: {len(tokens)} tokens, {self.manifest_path} says {self.vocab_size}")
+        return tokens
+
+    def _open_shard(self, entry: dict[str, Any], verify: bool) -> IndexedShard:
+        for kind in ("bin", "idx"):
+            path = self.shard_dir / entry[kind]
+            if not path.is_file():
+                raise ValueError(f"{path}: shard file listed in {self.manifest_path} not found")
+            if path.stat().st_size != entry[f"{kind}_bytes"]:
+                raise ValueError(
+                    f"{path}: {path.stat().st_size} bytes, {self.manifest_path} says {entry[f'{kind}_bytes']}"
+                )
+            if verify and _sha256(path) != entry[f"{kind}_sha256"]:
+                raise ValueError(f"{path}: sha256 disagrees with {self.manifest_path} (corrupt or replaced shard)")
+        shard = IndexedShard(self.shard_dir / entry["bin"], self.shard_dir / entry["idx"])
+        max_id = int(shard.tokens.max()) if verify and shard.num_tokens else entry["max_token_id"]
+        if max_id >= self.vocab_size:
+            raise ValueError(f"{shard.bin_path}: token id {max_id} >= vocab size {self.vocab_size}")
+        if (shard.num_documents, shard.num_sentences, shard.num_tokens) != (
+            entry["documents"], entry["sentences"], entry["tokens"]
+        ):
+            raise ValueError(f"{shard.idx_path}: document/sentence/token counts disagree with {self.manifest_path}")
+        return shard
+
+    def sentence_lengths(self, doc: int) -> np.ndarray:
+        shard = self.shards[self.doc_shard[doc]]
+        first = self.doc_first[doc]
+        return shard.sentence_lengths[first : first + self.doc_sentences[doc]]
+
+    def span(self, doc: int, begin: int, end: int) -> np.ndarray:
+        """Tokens of sentences ``[begin, end)`` of a document (contiguous in its shard), as int64."""
+        shard = self.shards[self.doc_shard[doc]]
+        first = self.doc_first[doc]
+        start = int(shard.sentence_offsets[first + begin])
+        stop = int(shard.sentence_offsets[first + end - 1] + shard.sentence_lengths[first + end - 1])
+        tokens = np.asarray(shard.tokens[start:stop], dtype=np.int64)
+        if len(tokens) and tokens.max() >= self.vocab_size:
+            raise ValueError(f"{shard.bin_path}: token id {int(tokens.max())} >= vocab size {self.vocab_size}")
+        return tokens
+
+
+def build_sample_plan(corpus: ShardedCorpus, max_seq_len: int, short_seq_prob: float, seed: int) -> np.ndarray:
+    """Chunks ``[doc, first sentence, end sentence, target length]`` (int64 [n, 4]) — see the module docstring."""
+    max_num_tokens = max_seq_len - 3
+    draw = random.Random(seed)
+
+    def target() -> int:
+        return draw.randint(2, max_num_tokens) if draw.random() < short_seq_prob else max_num_tokens
+
+    plan: list[tuple[int, int, int, int]] = []
+    for doc in range(corpus.num_documents):
+        lengths = corpus.sentence_lengths(doc).tolist()
+        if len(lengths) < 2:
+            continue
+        begin, current, goal = 0, 0, target()
+        for end, length in enumerate(lengths, 1):
+            current += length
+            if (current >= goal and end - begin >= 2) or end == len(lengths):
+                if end - begin >= 2:
+                    plan.append((doc, begin, end, goal))
+                else:  # a lone last sentence joins the previous chunk of this document
+                    last_doc, last_begin, _, last_goal = plan[-1]
+                    plan[-1] = (last_doc, last_begin, end, last_goal)
+                begin, current, goal = end, 0, target()
+    if not plan:
+        raise ValueError(f"{corpus.manifest_path}: no document of split '{corpus.split}' has two sentences")
+    return np.asarray(plan, dtype=np.int64)
+
+
+def _truncation(len_a: int, len_b: int, max_num_tokens: int) -> tuple[int, int]:
+    """Tokens BERT's truncate_seq_pair removes from A and B (one at a time from the longer, B on ties)."""
+    excess = len_a + len_b - max_num_tokens
+    if excess <= 0:
+        return 0, 0
+    gap = abs(len_a - len_b)
+    if gap >= excess:
+        return (excess, 0) if len_a > len_b else (0, excess)
+    rest = excess - gap
+    cut_a = (gap if len_a > len_b else 0) + rest // 2
+    return cut_a, excess - cut_a
+
+
+class PretrainingBatches:
+    """Infinite iterator of BERT pre-training micro-batches for one rank (see the module docstring).
+
+    Global sample ``g`` goes to rank ``g % world_size``; each yielded micro-batch advances ``samples_consumed``
+    (a global count, all ranks together) by ``micro_batch_size * world_size``. Iterate it directly: a DataLoader
+    with prefetching workers would run ahead of what the model consumed.
+    """
+
+    def __init__(
+        self,
+        corpus: ShardedCorpus,
+        max_seq_len: int,
+        max_predictions: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 1234,
+        masked_lm_prob: float = 0.15,
+        short_seq_prob: float = 0.1,
+        whole_word_masking: bool = False,
+        start_sample: int = 0,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if start_sample % world_size:
+            raise ValueError(f"start_sample {start_sample} is not a multiple of world_size {world_size}")
+        if max_seq_len < 8:
+            raise ValueError(f"max_seq_len {max_seq_len} is too short for [CLS] A [SEP] B [SEP]")
+        self.corpus = corpus
+        self.max_seq_len = max_seq_len
+        self.max_predictions = max_predictions
+        self.micro_batch_size = micro_batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.masked_lm_prob, self.short_seq_prob = masked_lm_prob, short_seq_prob
+        self.whole_word_masking = whole_word_masking
+        self.samples_consumed = start_sample
+        self.plan = build_sample_plan(corpus, max_seq_len, short_seq_prob, seed)
+        special = corpus.special_ids
+        self.cls_id, self.sep_id, self.mask_id, self.pad_id = (
+            special["[CLS]"], special["[SEP]"], special["[MASK]"], special["[PAD]"]
+        )
+        # Random replacements are drawn from real tokens, never [PAD]/[CLS]/[unused0]-style entries.
+        bracketed = np.array([t.startswith("[") and t.endswith("]") for t in corpus.vocab])
+        self.regular_ids = np.flatnonzero(~bracketed)
+        self.is_continuation = np.array([t.startswith("##") for t in corpus.vocab])
+        self._order_epoch, self._order = -1, np.zeros(0, dtype=np.int64)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return len(self.plan)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples_consumed": self.samples_consumed, "seed": self.seed, "max_seq_len": self.max_seq_len,
+                "world_size": self.world_size, "micro_batch_size": self.micro_batch_size}
+
+    def _chunk_at(self, epoch: int, index: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.plan))
+            self._order_epoch = epoch
+        return self.plan[self._order[index]]
+
+    def example(self, global_index: int) -> dict[str, np.ndarray]:
+        """Global sample ``global_index`` as int64 numpy arrays (the batch rows before stacking)."""
+        epoch, index = divmod(global_index, len(self.plan))
+        doc, begin, end, target = (int(x) for x in self._chunk_at(epoch, index))
+        rng = np.random.default_rng([self.seed, epoch, index])
+        corpus = self.corpus
+        a_end = begin + int(rng.integers(1, end - begin))
+        tokens_a = corpus.span(doc, begin, a_end)
+        if rng.random() < 0.5:
+            random_next = 1
+            other = doc
+            for _ in range(RANDOM_NEXT_TRIES):
+                other = int(rng.integers(corpus.num_documents))
+                if other != doc:
+                    break
+            lengths = corpus.sentence_lengths(other)
+            first = int(rng.integers(len(lengths)))
+            wanted = max(1, target - len(tokens_a))
+            reach = np.cumsum(lengths[first:])
+            last = first + min(int(np.searchsorted(reach, wanted)), len(reach) - 1) + 1
+            tokens_b = corpus.span(other, first, last)
+        else:
+            random_next = 0
+            tokens_b = corpus.span(doc, a_end, end)
+        cut_a, cut_b = _truncation(len(tokens_a), len(tokens_b), self.max_seq_len - 3)
+        tokens_a = self._trim(tokens_a, cut_a, rng)
+        tokens_b = self._trim(tokens_b, cut_b, rng)
+
+        len_a, len_b = len(tokens_a), len(tokens_b)
+        length = len_a + len_b + 3
+        input_ids = np.full(self.max_seq_len, self.pad_id, dtype=np.int64)
+        input_ids[0] = self.cls_id
+        input_ids[1 : 1 + len_a] = tokens_a
+        input_ids[1 + len_a] = self.sep_id
+        input_ids[2 + len_a : 2 + len_a + len_b] = tokens_b
+        input_ids[length - 1] = self.sep_id
+        token_type_ids = np.zeros(self.max_seq_len, dtype=np.int64)
+        token_type_ids[2 + len_a : length] = 1
+        attention_mask = np.zeros(self.max_seq_len, dtype=np.int64)
+        attention_mask[:length] = 1
+        labels = self._mask(input_ids, len_a, len_b, rng)
+        return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask,
+                "labels": labels, "next_sentence_label": np.int64(random_next)}
+
+    @staticmethod
+    def _trim(tokens: np.ndarray, cut: int, rng: np.random.Generator) -> np.ndarray:
+        if cut == 0:
+            return tokens
+        from_front = int(rng.binomial(cut, 0.5))
+        return tokens[from_front : len(tokens) - (cut - from_front)]
+
+    def _mask(self, input_ids: np.ndarray, len_a: int, len_b: int, rng: np.random.Generator) -> np.ndarray:
+        """Mask ``input_ids`` in place; returns the labels."""
+        candidates = np.concatenate([np.arange(1, 1 + len_a), np.arange(2 + len_a, 2 + len_a + len_b)])
+        budget = min(self.max_predictions, max(1, int(round((len_a + len_b + 3) * self.masked_lm_prob))))
+        if self.whole_word_masking:
+            # A "##" piece right after another candidate continues that word (never across [SEP]).
+            continues = self.is_continuation[input_ids[candidates]]
+            continues[1:] &= np.diff(candidates) == 1
+            continues[0] = False
+            words = np.split(candidates, np.flatnonzero(~continues)[1:])
+            chosen_words, taken = [], 0
+            for word in rng.permutation(len(words)):
+                if taken + len(words[word]) <= budget:
+                    chosen_words.append(words[word])
+                    taken += len(words[word])
+                if taken == budget:
+                    break
+            chosen = np.sort(np.concatenate(chosen_words)) if chosen_words else np.zeros(0, dtype=np.int64)
+        else:
+            chosen = np.sort(rng.permutation(candidates)[:budget])
+        labels = np.full(self.max_seq_len, IGNORE_INDEX, dtype=np.int64)
+        labels[chosen] = input_ids[chosen]
+        action = rng.random(len(chosen))
+        replacements = self.regular_ids[rng.integers(len(self.regular_ids), size=len(chosen))]
+        input_ids[chosen[action < 0.8]] = self.mask_id
+        random_slots = action >= 0.9
+        input_ids[chosen[random_slots]] = replacements[random_slots]
+        return labels
+
+    def batch_indices(self, first_global: int) -> list[int]:
+        """Global sample indices of this rank's micro-batch that starts at global sample ``first_global``."""
+        return [first_global + j * self.world_size + self.rank for j in range(self.micro_batch_size)]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            rows = [self.example(g) for g in self.batch_indices(self.samples_consumed)]
+            self.samples_consumed += self.micro_batch_size * self.world_size
+            yield {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in rows[0]}
