@@ -1,0 +1,60 @@
+"""``earlybert-finetune``: fine-tune a BERT folder on a GLUE task or SQuAD v1.1, dense or with an EarlyBERT ticket.
+
+    earlybert-finetune --task mnli --model runs/pretrain/final --mode earlybert data.data_dir=glue/MNLI
+    earlybert-finetune --config configs/finetune_glue.yaml --task sst2 --model M --mode random --seed 3
+    earlybert-finetune --task squad --model M --mode ticket --ticket runs/pretrain/ticket.json data.data_dir=squad
+
+Flags are shorthands for the same ``key=value`` overrides (see ``finetune/config.py`` for every key). Errors the user
+can fix print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..config import load_config
+from .config import MODES, FinetuneConfig
+from .tasks import TASKS
+
+_FLAGS = ("task", "model_dir", "mode", "ticket", "seed", "output_dir", "dense_metrics")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="earlybert-finetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML file of FinetuneConfig fields")
+    parser.add_argument("--task", help=f"one of {', '.join(TASKS)}")
+    parser.add_argument("--model", dest="model_dir",
+                        help="HF-format BERT folder (config.json, weights, vocab.txt or tokenizer.json)")
+    parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--ticket", help="ticket.json for --mode ticket")
+    parser.add_argument("--seed", type=int, help="head init, data order, random ticket")
+    parser.add_argument("--output-dir", dest="output_dir")
+    parser.add_argument("--dense-metrics", dest="dense_metrics", help="a dense run's metrics.json: report the saving")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.data_dir=glue/SST-2 lr=4e-5")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = [f"{name}={getattr(args, name)}" for name in _FLAGS if getattr(args, name) is not None]
+    try:
+        config = load_config(FinetuneConfig, args.config, overrides + list(args.overrides))
+        from .trainer import run  # heavy imports (torch, datasets, transformers) after the arguments are checked
+
+        metrics = run(config)
+    except ValueError as err:
+        print(f"earlybert-finetune: error: {err}", file=sys.stderr)
+        return 2
+    scores = ", ".join(f"{split}: " + ", ".join(f"{name} {value:.2f}" for name, value in values.items())
+                       for split, values in metrics["scores"].items())
+    print(f"{metrics['task']} {metrics['mode']}: best epoch {metrics['best_epoch']}: {scores}; "
+          f"time {metrics['time']['total_seconds']:.1f} s over {metrics['time']['total_steps']} steps; "
+          f"metrics in {config.output_dir}/metrics.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
