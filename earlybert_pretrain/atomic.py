@@ -1,4 +1,5 @@
-"""Atomic file writes: write a temp file beside the target, fsync, rename; a crash never leaves half a file."""
+"""Atomic file writes (temp file beside the target, fsync, rename: a crash never leaves half a file) and JSON reads
+that fail with one message naming the file."""
 
 from __future__ import annotations
 
@@ -35,3 +36,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str, error: type[ValueError] = ValueError) -> Any:
+    """Parse the JSON file ``path``; a missing or unparsable file raises ``error`` naming it and ``what`` it is."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None

@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_text
+from .atomic import atomic_path, atomic_write_text, read_json
 
 if TYPE_CHECKING:
     from .ticket import Ticket
@@ -181,12 +180,5 @@ class MaskHistory:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MaskHistory:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"{path}: mask history file not found")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(values, where=str(path))
+        return cls.from_dict(read_json(path, "mask history"), where=str(path))
 

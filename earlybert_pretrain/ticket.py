@@ -23,12 +23,11 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, read_json
 from .mask_history import EarlyBirdDetector, MaskHistory, mask_distance
 from .modeling import BertConfig, BertPreTrainedModel, flops_per_token, parameter_counts
 from .pruning import prune
@@ -154,14 +153,7 @@ class Ticket:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Ticket:
-        path = Path(path)
-        if not path.is_file():
-            raise TicketError(f"{path}: ticket file not found")
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise TicketError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(values, where=str(path))
+        return cls.from_dict(read_json(path, "ticket", TicketError), where=str(path))
 
     # --- geometry ----------------------------------------------------------------------------------------------
 
