@@ -72,7 +72,10 @@ def test_single_sentence_dense_then_earlybert_with_early_bird_and_saving(tiny):
     ticket = Ticket.load(eb_dir / "ticket.json")
     assert earlybert["ticket"]["digest"] == ticket.digest()
     kept = ([len(h) for h in ticket.heads_kept], [len(f) for f in ticket.ffn_kept])
-    assert kept[0] == [3, 3] and sum(kept[1]) == round(0.6 * 128)  # 1 head per layer, 40% of FFN neurons, global
+    assert kept[0] == [3, 3]  # 1 head per layer
+    # 40% of FFN neurons pruned globally, kept widths rounded to multiples of 8 (search.ffn_multiple_of's default):
+    # the total stays within half a multiple of the exact count.
+    assert all(width % 8 == 0 for width in kept[1]) and abs(sum(kept[1]) - round(0.6 * 128)) <= 4
     assert _geometry(eb_dir / "model") == _geometry(eb_dir / "best") == kept
     assert (eb_dir / "search" / "mask_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(json.loads((eb_dir / "search" / "mask_history.json").read_text())["steps"]) == 5
