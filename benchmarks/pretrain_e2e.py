@@ -35,16 +35,13 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-# Run as a script, this file's folder is sys.path[0], where benchmarks/data_prep.py would shadow the data_prep package
-# (imported by earlybert_pretrain.data); the repository root takes its place, so no install is needed either.
-sys.path[0] = str(REPO)
+from earlybert_pretrain.atomic import atomic_write_json
+from earlybert_pretrain.config import PretrainConfig, build_dataclass
+from earlybert_pretrain.data import load_manifest
+from earlybert_pretrain.modeling import BertConfig, flops_per_token
+from earlybert_pretrain.ticket import Ticket
 
-from earlybert_pretrain.atomic import atomic_write_json  # noqa: E402
-from earlybert_pretrain.config import PretrainConfig, build_dataclass  # noqa: E402
-from earlybert_pretrain.data import load_manifest  # noqa: E402
-from earlybert_pretrain.modeling import BertConfig, flops_per_token  # noqa: E402
-from earlybert_pretrain.ticket import Ticket  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 DEFAULT_DUMP = REPO.parent / "shared/data/wikipedia/enwiki-sample-pages-articles.xml.bz2"
 BASE_CONFIG = REPO / "configs/pretrain_tiny_cpu.yaml"  # the demo recipe: fp32, ZeRO 0, two LAMB phases

@@ -1,7 +1,7 @@
 """Throughput of the data pipeline per stage, for 1 and 2 workers, and against a create_pretraining_data-style
 baseline (single process, pure-Python BERT FullTokenizer) on the same sentences.
 
-    .venv/bin/python benchmarks/data_prep.py [--dump PATH] [--extract-repeat 20] [--text-repeat 100]
+    .venv/bin/python benchmarks/data_prep_throughput.py [--dump PATH] [--extract-repeat 20] [--text-repeat 100]
 
 The real shortened dump is repeated: its pages ``--extract-repeat`` times into a new .xml.bz2 for `extract`, its
 clean articles ``--text-repeat`` times (~280 MB of text by default) for `sentences`, `vocab` and `shard`.
@@ -18,19 +18,15 @@ import os
 import random
 import resource
 import shutil
-import sys
 import tempfile
 import time
 import unicodedata
 from pathlib import Path
 
-# Run as a script, this file's folder is sys.path[0] and its name would shadow the data_prep package.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from data_prep.extract import chunk_name, extract, iter_pages, write_jsonl  # noqa: E402
-from data_prep.sentences import split_corpus  # noqa: E402
-from data_prep.shard import shard_corpus  # noqa: E402
-from data_prep.vocab import build_vocab  # noqa: E402
+from data_prep.extract import chunk_name, extract, iter_pages, write_jsonl
+from data_prep.sentences import split_corpus
+from data_prep.shard import shard_corpus
+from data_prep.vocab import build_vocab
 
 MB = 1e6
 DEFAULT_DUMP = Path(__file__).resolve().parents[2] / "shared/data/wikipedia/enwiki-sample-pages-articles.xml.bz2"
