@@ -3,7 +3,7 @@
 1. Finds the real (shortened) English Wikipedia dump: ``$EARLYBERT_WIKI_DUMP``, the ``shared/data`` folder beside
    the repository, a cached copy, or — on a fresh machine — the same file inside the gensim wheel on PyPI.
 2. ``earlybert-prep all``: extract -> sentences -> WordPiece vocab -> token shards.
-3. ``earlybert-pretrain`` twice on ``configs/pretrain_tiny_cpu.yaml``: the dense baseline, then EarlyBERT
+3. ``earlybert-pretrain`` twice on ``configs/pretrain_demo_cpu.yaml``: the dense baseline, then EarlyBERT
    (search -> draw -> re-init -> phase 1 -> phase 2, 80% of the steps) compared against it.
 4. Prints the report: losses, the ticket, the Figure-1 heatmap's path and the time saved.
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="demo_out", help="where data, runs and reports go (default demo_out)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--config", default=str(REPO / "configs" / "pretrain_tiny_cpu.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "pretrain_demo_cpu.yaml"))
     parser.add_argument("overrides", nargs="*", help="key=value overrides for both pre-training runs")
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
