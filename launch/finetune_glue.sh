@@ -4,18 +4,19 @@
 # baseline (5 seeds, the paper's average), each timed by the protocol of Sec. 4.1; EarlyBERT and random report their
 # saving against the dense run.
 #
-#   launch/finetune_glue.sh TASK MODEL_DIR [key=value ...]
+#   launch/finetune_glue.sh TASK MODEL_DIR [key=value ...]     (TASK squad: what launch/finetune_squad.sh runs)
 #   e.g. GLUE_DIR=data/glue launch/finetune_glue.sh qqp runs/pretrain/final batch_size=32
 #
 # Environment: GLUE_DIR  folder of the GLUE task folders (CoLA, SST-2, MRPC, STS-B, QQP, MNLI, QNLI, RTE);
 #                        unset: the datasets hub copy (needs the network)
+#              SQUAD_DIR (TASK squad) folder with train-v1.1.json and dev-v1.1.json; unset: the hub copy
 #              OUT       output root (runs/finetune)      GPUS   ranks (all visible GPUs)
 #              MODES     "dense earlybert random"         SEEDS  random-ticket seeds ("1 2 3 4 5")
 # Extra key=value arguments are passed to every run (see earlybert_pretrain/finetune/config.py).
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
-    sed -n '2,16p' "$0" >&2
+    sed -n '2,17p' "$0" >&2
     exit 2
 fi
 TASK=$1
@@ -29,7 +30,9 @@ GPUS=${GPUS:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
 
 declare -A FOLDERS=([cola]=CoLA [sst2]=SST-2 [mrpc]=MRPC [stsb]=STS-B [qqp]=QQP [mnli]=MNLI [qnli]=QNLI [rte]=RTE)
 DATA=()
-if [[ -n ${GLUE_DIR:-} ]]; then
+if [[ $TASK == squad ]]; then
+    [[ -n ${SQUAD_DIR:-} ]] && DATA=("data.data_dir=$SQUAD_DIR")
+elif [[ -n ${GLUE_DIR:-} ]]; then
     [[ -n ${FOLDERS[$TASK]:-} ]] || { echo "unknown GLUE task '$TASK'; known: ${!FOLDERS[*]}" >&2; exit 2; }
     DATA=("data.data_dir=$GLUE_DIR/${FOLDERS[$TASK]}")
 fi
