@@ -26,7 +26,6 @@ the batches it would have seen.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from collections.abc import Iterator
@@ -36,19 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.common import sha256_file
 from data_prep.indexed import IndexedShard
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 IGNORE_INDEX = -100
 RANDOM_NEXT_TRIES = 10
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
@@ -76,7 +68,7 @@ def check_vocab(shard_dir: str | Path, model_vocab_size: int, model_vocab_path: 
         raise ValueError(
             f"{manifest_path}: shards use a vocab of {vocab['size']} tokens but the model has {model_vocab_size}"
         )
-    if model_vocab_path is not None and _sha256(Path(model_vocab_path)) != vocab["sha256"]:
+    if model_vocab_path is not None and sha256_file(Path(model_vocab_path)) != vocab["sha256"]:
         raise ValueError(
             f"{manifest_path}: shards were tokenized with vocab sha256 {vocab['sha256'][:12]}..., "
             f"not with the model's {model_vocab_path}"
@@ -113,7 +105,7 @@ class ShardedCorpus:
     def _read_vocab(self, expected_sha256: str) -> list[str]:
         if not self.vocab_path.is_file():
             raise ValueError(f"{self.vocab_path}: vocab file named in {self.manifest_path} not found")
-        if _sha256(self.vocab_path) != expected_sha256:
+        if sha256_file(self.vocab_path) != expected_sha256:
             raise ValueError(f"{self.vocab_path}: sha256 differs from the one in {self.manifest_path}")
         tokens = self.vocab_path.read_text(encoding="utf-8").rstrip("\n").split("\n")
         missing = [t for t in SPECIAL_TOKENS if t not in tokens]
@@ -132,7 +124,7 @@ class ShardedCorpus:
                 raise ValueError(
                     f"{path}: {path.stat().st_size} bytes, {self.manifest_path} says {entry[f'{kind}_bytes']}"
                 )
-            if verify and _sha256(path) != entry[f"{kind}_sha256"]:
+            if verify and sha256_file(path) != entry[f"{kind}_sha256"]:
                 raise ValueError(f"{path}: sha256 disagrees with {self.manifest_path} (corrupt or replaced shard)")
         shard = IndexedShard(self.shard_dir / entry["bin"], self.shard_dir / entry["idx"])
         max_id = int(shard.tokens.max()) if verify and shard.num_tokens else entry["max_token_id"]
