@@ -216,7 +216,8 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
@@ -273,10 +274,10 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str, client_state:
     tag_dir = ckpt_dir / tag
     if _rank() == 0 and tag_dir.exists():  # a crashed save of the same tag: start clean
         shutil.rmtree(tag_dir)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_STATE_KEY: client_state},
                            save_latest=False)
-    _barrier()
+    barrier()
     if _rank() == 0:
         for path in tag_dir.rglob("*"):
             if path.is_file():
@@ -289,7 +290,7 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str, client_state:
             "files": _file_sizes(tag_dir)})
         atomic_write_text(ckpt_dir / LATEST_FILE, tag)
         _prune_stage(ckpt_dir, match["stage"], keep, tag)
-    _barrier()
+    barrier()
     return tag_dir
 
 

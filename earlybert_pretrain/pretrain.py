@@ -36,6 +36,7 @@ from .config import PhaseConfig, PretrainConfig, config_to_dict, load_config
 from .data import PretrainingBatches, ShardedCorpus, check_vocab
 from .engine import (
     EngineConfigError,
+    barrier,
     build_engine,
     capture_rng_state,
     checkpoint_tag,
@@ -100,11 +101,6 @@ class Run:
             atomic_write_json(self.out / "timing.json", {name: entry.get("timing", {})
                                                           for name, entry in self.progress.items()})
         barrier()
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def from_every_rank(value) -> list:
