@@ -34,6 +34,7 @@ class SearchResult:
     planned_steps: int
     early_bird_fired_at: int | None  # the step the detector fired at; None if it did not (or was not asked)
     warnings: list[str]
+    losses: list[float]  # per step: task loss + L1 term
 
 
 def planned_search_steps(config: FinetuneSearchConfig, steps_per_epoch: int) -> int:
@@ -67,12 +68,13 @@ def run_search(model: nn.Module, task: TaskSpec, features: datasets.Dataset, con
                            lam_heads=config.lam, ffn_multiple_of=config.ffn_multiple_of)
 
     fired_at = None
-    step = 0
+    step, step_losses = 0, []
     for batch in batches.forever():
         inputs = model_inputs(batch, task, runtime.device)
         losses = timed_step(wrapped, inputs, optimizer, None, runtime, timer, grad_clip,
                             extra_loss=lambda: l1_penalty(searched, config.lam))
         step += 1
+        step_losses.append(losses["loss"])
         tensorboard.scalars(losses, step, prefix="search/")
         if step % config.record_every == 0 or step == planned:
             ticket = draw(step)
@@ -87,4 +89,4 @@ def run_search(model: nn.Module, task: TaskSpec, features: datasets.Dataset, con
                         f"step {step}")
         logger.warning(warnings[-1])
     # The last step is always recorded (the loop leaves right after a record or at ``planned``).
-    return SearchResult(history.tickets[-1], history, timer, step, planned, fired_at, warnings)
+    return SearchResult(history.tickets[-1], history, timer, step, planned, fired_at, warnings, step_losses)

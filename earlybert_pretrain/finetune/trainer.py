@@ -134,6 +134,7 @@ class FinetuneResult:
     timer: StepTimer
     total_steps: int
     steps_per_epoch: int
+    losses: list[float]  # per step
 
 
 def _finetune(model, task: TaskSpec, config: FinetuneConfig, train_features: datasets.Dataset,
@@ -147,7 +148,7 @@ def _finetune(model, task: TaskSpec, config: FinetuneConfig, train_features: dat
     optimizer = make_optimizer(wrapped, lr, config.weight_decay, config.adam_eps)
     scheduler = linear_schedule(optimizer, total_steps, config.warmup)
     timer = StepTimer(runtime.device)
-    history, best = [], None
+    history, best, step_losses = [], None, []
     step, epoch = 0, 0
     wrapped.train()
     while step < total_steps:
@@ -155,6 +156,7 @@ def _finetune(model, task: TaskSpec, config: FinetuneConfig, train_features: dat
             inputs = model_inputs(batch, task, runtime.device)
             losses = timed_step(wrapped, inputs, optimizer, scheduler, runtime, timer, config.grad_clip)
             step += 1
+            step_losses.append(losses["loss"])
             if step % config.log_every == 0:
                 tensorboard.scalars({**losses, "lr": scheduler.get_last_lr()[0]}, step, prefix="train/")
             if step >= total_steps:
@@ -175,7 +177,7 @@ def _finetune(model, task: TaskSpec, config: FinetuneConfig, train_features: dat
             if runtime.is_main:
                 _save_model(model, output / "best", config.model_dir)
         logger.info("epoch %d (step %d/%d): %s", epoch, step, total_steps, scores)
-    return FinetuneResult(history, best, timer, total_steps, batches.steps_per_epoch)
+    return FinetuneResult(history, best, timer, total_steps, batches.steps_per_epoch, step_losses)
 
 
 def run(config: FinetuneConfig) -> dict:
@@ -216,6 +218,7 @@ def run(config: FinetuneConfig) -> dict:
                      "steps_per_epoch": result.steps_per_epoch, "batch_size": config.batch_size,
                      "dense_epochs": dense_epochs, "dense_lr": dense_lr},
         "time": _time_report(search, result.timer, dense_time),
+        "losses": {"finetune": result.losses, **({"search": search.losses} if search is not None else {})},
         "model_geometry": {"heads_per_layer": model.config.heads_per_layer,
                            "ffn_per_layer": model.config.ffn_per_layer, "parameters": model.num_parameters()},
         "ticket": None if ticket is None else {"digest": ticket.digest(), "path": str(output / "ticket.json")},
