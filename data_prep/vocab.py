@@ -129,11 +129,12 @@ def build_vocab(
             show_progress=False,
             length=upstream["stats"]["sentences"],
         )
-        with atomic_path(out_dir / TOKENIZER_FILE) as tmp:
-            tokenizer.save(str(tmp))
-        vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+        # The trainer's token order varies between runs (hash-map iteration), so ids would too: write the tokens in
+        # one canonical order (special tokens first, then by code point) and build tokenizer.json from that file.
+        trained = set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS)
         with atomic_path(out_dir / VOCAB_FILE) as tmp:
-            tmp.write_text("".join(f"{token}\n" for token, _ in vocab), encoding="utf-8")
+            tmp.write_text("".join(f"{token}\n" for token in SPECIAL_TOKENS + sorted(trained)), encoding="utf-8")
+        _write_tokenizer_from_vocab(out_dir / VOCAB_FILE, out_dir, lowercase)
     tokens = read_vocab(out_dir / VOCAB_FILE)
     manifest = {
         "stage": STAGE,

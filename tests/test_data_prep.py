@@ -223,6 +223,14 @@ def test_vocab_is_uncased_wordpiece_of_requested_size(wiki_build) -> None:
     assert tokenizer.encode("The Philosophy", add_special_tokens=False).tokens == ["the", "philosophy"]
 
 
+def test_vocab_training_is_reproducible(wiki_build, tmp_path: Path) -> None:
+    """The same sentences and settings give byte-identical vocab.txt and tokenizer.json (ids must not move)."""
+    again = build_vocab(wiki_build.sentences, tmp_path / "again", vocab_size=wiki_build.vocab_size)
+    for name in ("vocab.txt", "tokenizer.json"):
+        assert _sha256(tmp_path / "again" / name) == _sha256(wiki_build.vocab / name), name
+    assert again["files"] == json.loads((wiki_build.vocab / "manifest.json").read_text())["files"]
+
+
 def test_vocab_adopts_existing_files_and_rejects_incomplete_ones(wiki_build, tmp_path: Path) -> None:
     adopted = build_vocab(None, tmp_path / "from-txt", existing=wiki_build.vocab / "vocab.txt")
     assert adopted["vocab_size"] == wiki_build.vocab_size
