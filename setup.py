@@ -33,8 +33,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "earlybert-pretrain=earlybert_pretrain.pretrain:main",
-            "earlybert-ticket=earlybert_pretrain.ticket_cli:main",
+            "earlybert-pretrain=earlybert_pretrain.pretrain.cli:main",
+            "earlybert-ticket=earlybert_pretrain.tickets.cli:main",
             "earlybert-finetune=earlybert_pretrain.finetune.cli:main",
             "earlybert-prep=data_prep.cli:main",
         ]

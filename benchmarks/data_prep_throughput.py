@@ -222,8 +222,8 @@ def baseline(sentences_dir: Path, vocab_path: Path, megabytes: float, dupe_facto
 
 
 def loader_speed(shard_dir: Path, examples: int = 3000) -> dict[str, float]:
-    """Examples per second of earlybert_pretrain.data at seq 128 and 512 (one process)."""
-    from earlybert_pretrain.data import PretrainingBatches, ShardedCorpus
+    """Examples per second of earlybert_pretrain.pretrain.batches at seq 128 and 512 (one process)."""
+    from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus
 
     corpus = ShardedCorpus(shard_dir)
     speeds = {}

@@ -26,9 +26,10 @@ from earlybert_pretrain.finetune.config import FinetuneConfig, resolve_heads_to_
 from earlybert_pretrain.finetune.loop import make_optimizer, timed_step
 from earlybert_pretrain.finetune.models import BertForSequenceClassification
 from earlybert_pretrain.finetune.runtime import Runtime
-from earlybert_pretrain.modeling import BertConfig
-from earlybert_pretrain.telemetry import StepTimer
-from earlybert_pretrain.ticket import l1_penalty, prune, random_ticket
+from earlybert_pretrain.model.bert import BertConfig
+from earlybert_pretrain.tickets.draw import l1_penalty, random_ticket
+from earlybert_pretrain.tickets.prune import prune
+from earlybert_pretrain.train.telemetry import StepTimer
 
 SEARCH_EPOCHS, PRUNED_EPOCHS, DENSE_EPOCHS = 0.2, 2.0, 3.0  # Sec. 4.2
 
@@ -107,7 +108,7 @@ def main() -> None:
     print(f"protocol: EarlyBERT (0.2 ep search + 2 ep pruned) / dense (3 ep) = "
           f"{result['total_time_ratio_earlybert_vs_dense']:.3f}  (paper: 0.55-0.60); saved {result['time_saved']:.1%}")
     if args.json:
-        from earlybert_pretrain.atomic import atomic_write_json
+        from earlybert_pretrain.common.files import atomic_write_json
 
         atomic_write_json(args.json, result)
 

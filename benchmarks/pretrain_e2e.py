@@ -35,11 +35,11 @@ import sys
 import time
 from pathlib import Path
 
-from earlybert_pretrain.atomic import atomic_write_json
+from earlybert_pretrain.common.files import atomic_write_json
 from earlybert_pretrain.config import PretrainConfig, build_dataclass
-from earlybert_pretrain.data import load_manifest
-from earlybert_pretrain.modeling import BertConfig, flops_per_token
-from earlybert_pretrain.ticket import Ticket
+from earlybert_pretrain.model.bert import BertConfig, flops_per_token
+from earlybert_pretrain.pretrain.batches import load_manifest
+from earlybert_pretrain.tickets.ticket import Ticket
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,8 +20,10 @@ import time
 
 import torch
 
-from earlybert_pretrain.modeling import BertConfig, BertForPreTraining, flops_per_token
-from earlybert_pretrain.ticket import Ticket, draw_ticket, prune
+from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining, flops_per_token
+from earlybert_pretrain.tickets.draw import draw_ticket
+from earlybert_pretrain.tickets.prune import prune
+from earlybert_pretrain.tickets.ticket import Ticket
 
 # (name, heads pruned per layer, global FFN ratio, kept FFN widths rounded to a multiple of)
 TICKETS = (("4 heads / 30% FFN", 4, 0.3, 1), ("4 heads / 30% FFN, widths x8", 4, 0.3, 8),

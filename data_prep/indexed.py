@@ -9,7 +9,8 @@
     sentence_offsets  int64[num_sentences]       first token of each sentence in .bin (in tokens, not bytes)
     document_index    int64[num_documents + 1]   first sentence of each document; the last entry = num_sentences
 
-Written by ``data_prep.shard``, read by ``earlybert_pretrain.data``: this module is the one place that knows it.
+Written by ``data_prep.shard``, read by ``earlybert_pretrain.pretrain.batches``: this module is the one place that
+knows it.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from .modeling import BertConfig
+from earlybert_pretrain.model.bert import BertConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 T = TypeVar("T")

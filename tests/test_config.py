@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from earlybert_pretrain.config import ConfigError, PretrainConfig, load_config
-from earlybert_pretrain.modeling import BertConfig
+from earlybert_pretrain.model.bert import BertConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

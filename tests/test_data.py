@@ -1,4 +1,4 @@
-"""earlybert_pretrain.data: shards from the real dump -> NSP pairs, dynamic masking, determinism, ranks, resume."""
+"""pretrain.batches: shards from the real dump -> NSP pairs, dynamic masking, determinism, ranks, resume."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from earlybert_pretrain.data import PretrainingBatches, ShardedCorpus, check_vocab
+from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus, check_vocab
 
 SEQ = 128
 MAX_PRED = 20

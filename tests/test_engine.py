@@ -9,21 +9,24 @@ import pytest
 import torch
 
 from earlybert_pretrain.config import OptimizerConfig
-from earlybert_pretrain.engine import (
-    EngineConfigError,
-    build_engine,
+from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
+from earlybert_pretrain.train.checkpoint import (
     capture_rng_state,
     checkpoint_tag,
     complete_checkpoints,
-    deepspeed_config,
-    describe_runtime,
     load_latest_checkpoint,
-    resolve_precision,
     restore_rng_state,
     save_checkpoint,
 )
-from earlybert_pretrain.modeling import BertConfig, BertForPreTraining
-from earlybert_pretrain.optim import build_optimizer, build_scheduler
+from earlybert_pretrain.train.engine import (
+    EngineConfigError,
+    build_engine,
+    deepspeed_config,
+    describe_runtime,
+    resolve_precision,
+)
+from earlybert_pretrain.train.optim import build_optimizer
+from earlybert_pretrain.train.schedules import build_scheduler
 
 CPU = torch.device("cpu")
 
@@ -209,7 +212,7 @@ def test_corrupt_latest_falls_back_to_the_previous_tag(single_process_dist, tmp_
         states.unlink()
 
     resumed, _ = make_engine(tiny_model(seed=5))
-    with caplog.at_level(logging.WARNING, logger="earlybert_pretrain.engine"):
+    with caplog.at_level(logging.WARNING, logger="earlybert_pretrain.train.engine"):
         client_state = load_latest_checkpoint(resumed, tmp_path)
     assert client_state == {"step": 1}
     assert "phase2-step000002" in caplog.text and "falling back" in caplog.text and "phase2-step000001" in caplog.text

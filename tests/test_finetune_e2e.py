@@ -16,9 +16,10 @@ from test_finetune_data import MINILM, MNLI_HEADER, _mnli_rows, _squad_file
 from test_finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl, write_tsv
 
 from earlybert_pretrain.finetune.cli import main
-from earlybert_pretrain.hf import read_config
-from earlybert_pretrain.modeling import BertForPreTraining
-from earlybert_pretrain.ticket import Ticket, draw_ticket
+from earlybert_pretrain.model.bert import BertForPreTraining
+from earlybert_pretrain.model.hf import load_pretrained, read_config, save_pretrained
+from earlybert_pretrain.tickets.draw import draw_ticket
+from earlybert_pretrain.tickets.ticket import Ticket
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["batch_size=16", "eval_batch_size=32", "log_every=1"]
@@ -127,7 +128,7 @@ def _pretraining_ticket(tmp_path: Path, **geometry) -> Path:
     """A ticket drawn during pre-training: from a BertForPreTraining's slimming coefficients."""
     from test_finetune_fixtures import TINY_CONFIG
 
-    from earlybert_pretrain.modeling import BertConfig
+    from earlybert_pretrain.model.bert import BertConfig
 
     model = BertForPreTraining(BertConfig(**{**TINY_CONFIG, **geometry}, slimming=True))
     with torch.no_grad():
@@ -210,11 +211,11 @@ def test_two_ranks_match_one_process(tiny, tmp_path):
 
 def test_pruned_pretraining_output_fine_tunes_with_its_geometry(tiny, tmp_path):
     """Our pre-training output after pruning (uneven per-layer geometry in config.json) loads and fine-tunes."""
-    from earlybert_pretrain.ticket import prune
+    from earlybert_pretrain.tickets.prune import prune
 
     ticket = Ticket.load(_pretraining_ticket(tmp_path))
     folder = tmp_path / "pruned_pretrained"
-    prune(BertForPreTraining.from_pretrained(tiny["model"]), ticket).save_pretrained(folder)
+    save_pretrained(prune(load_pretrained(BertForPreTraining, tiny["model"]), ticket), folder)
     (folder / "vocab.txt").write_text((tiny["model"] / "vocab.txt").read_text())
     out = tmp_path / "out"
     metrics = _run(["--task", "sst2", "--model", str(folder), "--mode", "dense", f"output_dir={out}", "epochs=1",

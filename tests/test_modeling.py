@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from earlybert_pretrain.modeling import (
+from earlybert_pretrain.model.bert import (
     BertConfig,
     BertForPreTraining,
     BertModel,

@@ -7,17 +7,11 @@ import types
 import pytest
 import torch
 
-from earlybert_pretrain import optim
 from earlybert_pretrain.config import ConfigError, OptimizerConfig
-from earlybert_pretrain.modeling import BertConfig, BertForPreTraining
-from earlybert_pretrain.optim import (
-    Lamb,
-    build_optimizer,
-    build_scheduler,
-    linear_warmup_decay,
-    warmup_poly_lr,
-    weight_decay_groups,
-)
+from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
+from earlybert_pretrain.train import optim
+from earlybert_pretrain.train.optim import Lamb, build_optimizer, weight_decay_groups
+from earlybert_pretrain.train.schedules import build_scheduler, linear_warmup_decay, warmup_poly_lr
 
 BETAS, EPS = (0.9, 0.999), 1e-6
 

@@ -16,9 +16,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from earlybert_pretrain import pretrain
-from earlybert_pretrain.modeling import BertConfig, BertForPreTraining, parameter_counts
-from earlybert_pretrain.ticket import Ticket
+from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining, parameter_counts
+from earlybert_pretrain.model.hf import load_pretrained
+from earlybert_pretrain.pretrain import recipe as pretrain
+from earlybert_pretrain.tickets.ticket import Ticket
 
 pytest_plugins = ["data_fixtures"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +128,7 @@ def test_one_rank_end_to_end(reference, recipe):
     assert [layer.intermediate.dense.out_features for layer in phase1_module.encoder_layers()] == [
         len(kept) for kept in ticket.ffn_kept]
 
-    reloaded = BertForPreTraining.from_pretrained(out / "final_model").eval()
+    reloaded = load_pretrained(BertForPreTraining, out / "final_model").eval()
     ids = torch.randint(5, model_config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = phase2_module(ids), reloaded(ids)

@@ -9,22 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from earlybert_pretrain.modeling import BertConfig, BertForPreTraining, BertModel, BertPreTrainedModel
-from earlybert_pretrain.ticket import (
-    EarlyBirdDetector,
-    MaskHistory,
-    Ticket,
-    TicketError,
-    draw_ticket,
-    gather_coefficients,
-    geometry_of,
-    l1_penalty,
-    mask_distance,
-    prune,
-    random_ticket,
-    render_report,
-    ticket_report,
-)
+from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining, BertModel, BertPreTrainedModel
+from earlybert_pretrain.model.hf import load_pretrained, save_pretrained
+from earlybert_pretrain.tickets.distance import EarlyBirdDetector, mask_distance
+from earlybert_pretrain.tickets.draw import draw_ticket, gather_coefficients, l1_penalty, random_ticket
+from earlybert_pretrain.tickets.history import MaskHistory
+from earlybert_pretrain.tickets.prune import prune
+from earlybert_pretrain.tickets.report import render_report, ticket_report
+from earlybert_pretrain.tickets.ticket import Ticket, TicketError, geometry_of
 
 
 @pytest.fixture(autouse=True)
@@ -192,8 +184,8 @@ def test_prune_works_on_plain_weights_and_round_trips_through_save_pretrained(tm
     ticket = random_ticket(config, heads_to_prune=2, ffn_ratio=0.3, seed=1)
     pruned = prune(model, ticket)
     assert not model.config.slimming and list(model.slimming_coefficients()) == []
-    pruned.save_pretrained(tmp_path / "pruned")
-    reloaded = BertForPreTraining.from_pretrained(tmp_path / "pruned").eval()
+    save_pretrained(pruned, tmp_path / "pruned")
+    reloaded = load_pretrained(BertForPreTraining, tmp_path / "pruned").eval()
     assert reloaded.config.heads_per_layer == pruned.config.heads_per_layer
     assert reloaded.config.ffn_per_layer == pruned.config.ffn_per_layer
     inputs = sample_batch(config)

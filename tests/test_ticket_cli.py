@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from earlybert_pretrain.hf import save_pretrained
-from earlybert_pretrain.modeling import BertConfig, BertModel, flops_per_token
-from earlybert_pretrain.ticket import MaskHistory, Ticket, draw_ticket, mask_distance, random_ticket
-from earlybert_pretrain.ticket_cli import main
+from earlybert_pretrain.model.bert import BertConfig, BertModel, flops_per_token
+from earlybert_pretrain.model.hf import save_pretrained
+from earlybert_pretrain.tickets.cli import main
+from earlybert_pretrain.tickets.distance import mask_distance
+from earlybert_pretrain.tickets.draw import draw_ticket, random_ticket
+from earlybert_pretrain.tickets.history import MaskHistory
+from earlybert_pretrain.tickets.ticket import Ticket
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +31,8 @@ def bert_base_ticket(path: Path) -> Ticket:
 
 def test_report_as_a_module(tmp_path):
     ticket = bert_base_ticket(tmp_path / "t.json")
-    result = subprocess.run([sys.executable, "-m", "earlybert_pretrain.ticket_cli", "report", str(tmp_path / "t.json")],
+    result = subprocess.run([sys.executable, "-m", "earlybert_pretrain.tickets.cli", "report",
+                             str(tmp_path / "t.json")],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     dense, pruned = BertConfig(), ticket.pruned_config(BertConfig())
@@ -37,7 +41,7 @@ def test_report_as_a_module(tmp_path):
         assert any(line.startswith(str(seq_len)) and line.endswith(f"{ratio:.3f}")
                    for line in result.stdout.splitlines()), result.stdout
     assert ticket.digest()[:12] in result.stdout and "8 / 12" in result.stdout
-    bad = subprocess.run([sys.executable, "-m", "earlybert_pretrain.ticket_cli", "report", str(tmp_path / "no.json")],
+    bad = subprocess.run([sys.executable, "-m", "earlybert_pretrain.tickets.cli", "report", str(tmp_path / "no.json")],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "no.json: ticket file not found" in bad.stderr
 

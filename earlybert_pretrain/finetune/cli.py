@@ -14,9 +14,9 @@ import argparse
 import logging
 import sys
 
-from ..config import load_config
-from .config import MODES, FinetuneConfig
-from .tasks import TASKS
+from earlybert_pretrain.config import load_config
+from earlybert_pretrain.finetune.config import MODES, FinetuneConfig
+from earlybert_pretrain.finetune.tasks import TASKS
 
 _FLAGS = ("task", "model_dir", "mode", "ticket", "seed", "output_dir", "dense_metrics")
 
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"{name}={getattr(args, name)}" for name in _FLAGS if getattr(args, name) is not None]
     try:
         config = load_config(FinetuneConfig, args.config, overrides + list(args.overrides))
-        from .trainer import run  # heavy imports (torch, datasets, transformers) after the arguments are checked
+        from earlybert_pretrain.finetune.trainer import (
+            run,  # heavy imports (torch, datasets, transformers) after the arguments are checked
+        )
 
         metrics = run(config)
     except ValueError as err:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..modeling import BertConfig
-from .tasks import TaskSpec
+from earlybert_pretrain.finetune.tasks import TaskSpec
+from earlybert_pretrain.model.bert import BertConfig
 
 MODES = ("dense", "earlybert", "random", "ticket")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

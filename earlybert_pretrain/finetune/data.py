@@ -18,7 +18,7 @@ from pathlib import Path
 
 import datasets
 
-from .tasks import TaskSpec
+from earlybert_pretrain.finetune.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
 

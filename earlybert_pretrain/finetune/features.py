@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from .tasks import TaskSpec
+from earlybert_pretrain.finetune.tasks import TaskSpec
 
 
 class MissingTokenizerError(ValueError):

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..optim import build_scheduler, weight_decay_groups
-from ..telemetry import StepTimer
-from .features import pad_batch
-from .metrics import classification_scores, squad_scores
-from .runtime import Runtime, unwrap
-from .squad import SquadSettings, extract_answers
-from .tasks import TaskSpec
+from earlybert_pretrain.finetune.features import pad_batch
+from earlybert_pretrain.finetune.metrics import classification_scores, squad_scores
+from earlybert_pretrain.finetune.runtime import Runtime, unwrap
+from earlybert_pretrain.finetune.squad import SquadSettings, extract_answers
+from earlybert_pretrain.finetune.tasks import TaskSpec
+from earlybert_pretrain.train.optim import weight_decay_groups
+from earlybert_pretrain.train.schedules import build_scheduler
+from earlybert_pretrain.train.telemetry import StepTimer
 
 # Batch fields each head takes as its training targets.
 _TARGETS = {"squad": ("start_position", "end_position")}

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..atomic import atomic_write_json
-from ..hf import CONFIG_NAME, load_pretrained, save_pretrained
-from ..modeling import BertConfig, BertModel, BertPreTrainedModel
+from earlybert_pretrain.common.files import atomic_write_json
+from earlybert_pretrain.model.bert import BertConfig, BertModel, BertPreTrainedModel
+from earlybert_pretrain.model.hf import CONFIG_NAME, load_pretrained, save_pretrained
 
 
 @dataclass

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 import datasets
 from torch import nn
 
-from ..telemetry import StepTimer, TensorBoardLogger
-from ..ticket import EarlyBirdDetector, MaskHistory, Ticket, draw_ticket, l1_penalty
-from .config import FinetuneSearchConfig
-from .loop import make_optimizer, model_inputs, timed_step, train_batches
-from .runtime import Runtime, unwrap
-from .tasks import TaskSpec
+from earlybert_pretrain.finetune.config import FinetuneSearchConfig
+from earlybert_pretrain.finetune.loop import make_optimizer, model_inputs, timed_step, train_batches
+from earlybert_pretrain.finetune.runtime import Runtime, unwrap
+from earlybert_pretrain.finetune.tasks import TaskSpec
+from earlybert_pretrain.tickets.distance import EarlyBirdDetector
+from earlybert_pretrain.tickets.draw import draw_ticket, l1_penalty
+from earlybert_pretrain.tickets.history import MaskHistory
+from earlybert_pretrain.tickets.ticket import Ticket
+from earlybert_pretrain.train.telemetry import StepTimer, TensorBoardLogger
 
 logger = logging.getLogger(__name__)
 

@@ -18,19 +18,29 @@ from pathlib import Path
 import datasets
 import torch
 
-from ..atomic import atomic_write_json
-from ..hf import copy_tokenizer_files
-from ..telemetry import StepTimer, TensorBoardLogger
-from ..ticket import Ticket, prune, random_ticket
-from .config import FinetuneConfig, resolve_heads_to_prune, resolve_schedule
-from .data import TaskData, load_task_data
-from .features import encode_classification, load_tokenizer
-from .loop import linear_schedule, make_optimizer, model_inputs, predict, score, timed_step, train_batches
-from .models import build_task_model
-from .runtime import Runtime
-from .search import SearchResult, run_search
-from .squad import SquadSettings, build_features
-from .tasks import TaskSpec, get_task
+from earlybert_pretrain.common.files import atomic_write_json
+from earlybert_pretrain.finetune.config import FinetuneConfig, resolve_heads_to_prune, resolve_schedule
+from earlybert_pretrain.finetune.data import TaskData, load_task_data
+from earlybert_pretrain.finetune.features import encode_classification, load_tokenizer
+from earlybert_pretrain.finetune.loop import (
+    linear_schedule,
+    make_optimizer,
+    model_inputs,
+    predict,
+    score,
+    timed_step,
+    train_batches,
+)
+from earlybert_pretrain.finetune.models import build_task_model
+from earlybert_pretrain.finetune.runtime import Runtime
+from earlybert_pretrain.finetune.search import SearchResult, run_search
+from earlybert_pretrain.finetune.squad import SquadSettings, build_features
+from earlybert_pretrain.finetune.tasks import TaskSpec, get_task
+from earlybert_pretrain.model.hf import copy_tokenizer_files
+from earlybert_pretrain.tickets.draw import random_ticket
+from earlybert_pretrain.tickets.prune import prune
+from earlybert_pretrain.tickets.ticket import Ticket
+from earlybert_pretrain.train.telemetry import StepTimer, TensorBoardLogger
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import atomic_write_json, atomic_write_text
+from earlybert_pretrain.common.files import atomic_write_json, atomic_write_text
 
 STAGES = ("search", "draw", "phase1", "phase2")
 

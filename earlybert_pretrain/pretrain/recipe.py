@@ -15,7 +15,6 @@ heatmap), ``ticket.json`` + ``ticket_report.json``, ``final_model/`` (HF format 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import json
@@ -31,42 +30,32 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .atomic import atomic_write_json
-from .config import PhaseConfig, PretrainConfig, config_to_dict, load_config
-from .data import PretrainingBatches, ShardedCorpus, check_vocab
-from .engine import (
-    EngineConfigError,
-    barrier,
-    build_engine,
+from earlybert_pretrain.common.files import atomic_write_json
+from earlybert_pretrain.config import PhaseConfig, PretrainConfig, config_to_dict
+from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
+from earlybert_pretrain.model.hf import copy_tokenizer_files, load_pretrained, save_pretrained
+from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus, check_vocab
+from earlybert_pretrain.pretrain.report import STAGES
+from earlybert_pretrain.tickets.distance import EarlyBirdDetector
+from earlybert_pretrain.tickets.draw import draw_ticket, gather_coefficients, l1_penalty, random_ticket
+from earlybert_pretrain.tickets.history import MaskHistory
+from earlybert_pretrain.tickets.prune import prune
+from earlybert_pretrain.tickets.report import render_report, ticket_report
+from earlybert_pretrain.tickets.ticket import Ticket
+from earlybert_pretrain.train.checkpoint import (
     capture_rng_state,
     checkpoint_tag,
-    deepspeed_config,
-    describe_runtime,
-    init_distributed,
     load_latest_checkpoint,
-    resolve_precision,
     restore_rng_state,
     save_checkpoint,
 )
-from .hf import copy_tokenizer_files
-from .modeling import BertConfig, BertForPreTraining
-from .optim import build_optimizer, build_scheduler
-from .run_report import STAGES, render_run_report, write_run_report
-from .telemetry import StepTimer, TensorBoardLogger
-from .ticket import (
-    EarlyBirdDetector,
-    MaskHistory,
-    Ticket,
-    draw_ticket,
-    gather_coefficients,
-    l1_penalty,
-    prune,
-    random_ticket,
-    render_report,
-    ticket_report,
-)
+from earlybert_pretrain.train.distributed import barrier, from_every_rank
+from earlybert_pretrain.train.engine import EngineConfigError, build_engine, deepspeed_config, describe_runtime
+from earlybert_pretrain.train.optim import build_optimizer
+from earlybert_pretrain.train.schedules import build_scheduler
+from earlybert_pretrain.train.telemetry import StepTimer, TensorBoardLogger
 
-logger = logging.getLogger("earlybert_pretrain.pretrain")
+logger = logging.getLogger(__name__)
 
 MODES = ("earlybert", "dense", "random", "ticket")
 # Share of the total steps run at seq 128 (Sec. 4.1: 9/10; NVIDIA's recipe: 7,038 of 8,601).
@@ -101,15 +90,6 @@ class Run:
             atomic_write_json(self.out / "timing.json", {name: entry.get("timing", {})
                                                           for name, entry in self.progress.items()})
         barrier()
-
-
-def from_every_rank(value) -> list:
-    """``value`` as held by every rank, in rank order (a picklable object)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [value]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -353,7 +333,7 @@ def run_search(run: Run, dense_steps: dict[str, int]) -> Ticket:
         return Ticket.load(out / "ticket.json")
     model = initial_model(cfg, slimming=True)
     if run.is_main and not (out / "theta0").is_dir():
-        model.save_pretrained(out / "theta0")  # θ0, before any step: re-initialisation rewinds to it
+        save_pretrained(model, out / "theta0")  # θ0, before any step: re-initialisation rewinds to it
     barrier()
     monitor = SearchMonitor(run)
     search_steps = min(cfg.search.steps, dense_steps["phase1"])
@@ -391,7 +371,7 @@ def phase1_model(run: Run, ticket: Ticket | None) -> BertForPreTraining:
     if ticket is None:
         return initial_model(cfg, slimming=False)
     theta0_folder = run.out / "theta0"
-    theta0 = (BertForPreTraining.from_pretrained(theta0_folder) if theta0_folder.is_dir()
+    theta0 = (load_pretrained(BertForPreTraining, theta0_folder) if theta0_folder.is_dir()
               else initial_model(cfg, slimming=False))
     pruned = prune(theta0, ticket)
     if cfg.reinit == "random":
@@ -425,7 +405,7 @@ def train_phases(run: Run, ticket: Ticket | None) -> None:
         if name in run.progress:
             continue
         started = time.perf_counter()
-        model = phase1_model(run, ticket) if name == "phase1" else BertForPreTraining.from_pretrained(
+        model = phase1_model(run, ticket) if name == "phase1" else load_pretrained(BertForPreTraining,
             out / "phase1_model")
         build_seconds = time.perf_counter() - started
         logger.info("%s: %s parameters, %d steps", name, f"{model.num_parameters():,}", steps[name])
@@ -434,7 +414,7 @@ def train_phases(run: Run, ticket: Ticket | None) -> None:
         result["parameters"] = model.num_parameters()
         if run.is_main:
             folder = out / ("phase1_model" if name == "phase1" else "final_model")
-            engine.module.save_pretrained(folder)
+            save_pretrained(engine.module, folder)
             if name == "phase2":
                 copy_tokenizer_files(run.corpus.vocab_path.parent, folder)
                 if ticket is not None:
@@ -442,48 +422,3 @@ def train_phases(run: Run, ticket: Ticket | None) -> None:
         release(engine)
         del engine, model
         run.finish_stage(name, result)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="earlybert-pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML recipe (configs/pretrain_*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. phase1.lr=1e-3")
-    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir (or start it)")
-    parser.add_argument("--overwrite", action="store_true", help="delete output_dir's previous run first")
-    parser.add_argument("--compare-to", type=Path, help="a dense run's output_dir, for the time saving")
-    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed's launcher
-    return parser.parse_intermixed_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
-        if args.compare_to is not None and not (args.compare_to / "report.json").is_file():
-            raise RunError(f"--compare-to {args.compare_to}: no report.json there (run the dense baseline first)")
-        rank, world_size, device = init_distributed()
-        # No force=True: a host application's (or pytest's) logging set-up stays as it is.
-        logging.basicConfig(stream=sys.stdout, format=f"%(asctime)s [rank {rank}] %(message)s")
-        logging.getLogger("earlybert_pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
-        validate(cfg, world_size)
-        out = Path(cfg.output_dir)
-        precision = resolve_precision(cfg.engine.precision, device)
-        progress = prepare_output(cfg, out, args.resume, args.overwrite, rank == 0)
-        run = Run(cfg, out, rank, world_size, device, precision,
-                  TensorBoardLogger(out / "tensorboard", enabled=rank == 0), progress,
-                  ShardedCorpus(cfg.data.shard_dir, "train"))
-        ticket = obtain_ticket(run, phase_steps(cfg, dense=True))
-        train_phases(run, ticket)
-        if run.is_main:
-            report = write_run_report(out, cfg.mode, run.progress, args.compare_to)
-            print(render_run_report(report), end="")
-        run.tensorboard.close()
-        barrier()
-    except ValueError as err:
-        print(f"earlybert-pretrain: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -276,19 +276,6 @@ class BertPreTrainedModel(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    @classmethod
-    def from_pretrained(cls, folder, **config_overrides):
-        """Load a local HF-format folder (config.json + model.safetensors or pytorch_model.bin); see ``hf.py``."""
-        from .hf import load_pretrained  # hf.py imports this module
-
-        return load_pretrained(cls, folder, **config_overrides)
-
-    def save_pretrained(self, folder) -> None:
-        """Write config.json (per-layer geometry included) + model.safetensors, atomically."""
-        from .hf import save_pretrained
-
-        save_pretrained(self, folder)
-
     def slimming_coefficients(self) -> Iterator[tuple[str, int, torch.Tensor]]:
         """Yield ("head" | "ffn", layer index, coefficient tensor) for every slimming coefficient."""
         for index, layer in enumerate(self.encoder_layers()):

@@ -15,11 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-from .config import build_dataclass, read_yaml
-from .hf import read_config
-from .mask_history import HISTORY_FORMAT, MaskHistory
-from .modeling import BertConfig
-from .ticket import Ticket, mask_distance, render_report, ticket_report
+from earlybert_pretrain.config import build_dataclass, read_yaml
+from earlybert_pretrain.model.bert import BertConfig
+from earlybert_pretrain.model.hf import read_config
+from earlybert_pretrain.tickets.distance import mask_distance
+from earlybert_pretrain.tickets.history import HISTORY_FORMAT, MaskHistory
+from earlybert_pretrain.tickets.report import render_report, ticket_report
+from earlybert_pretrain.tickets.ticket import Ticket
 
 
 def load_model_config(path: str) -> BertConfig:

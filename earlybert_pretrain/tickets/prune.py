@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .modeling import BertConfig, BertLayer, BertPreTrainedModel
+from earlybert_pretrain.model.bert import BertConfig, BertLayer, BertPreTrainedModel
 
 if TYPE_CHECKING:
-    from .ticket import Ticket
+    from earlybert_pretrain.tickets.ticket import Ticket
 
 
 def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:

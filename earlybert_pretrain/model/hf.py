@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .modeling import BertConfig, BertPreTrainedModel
+from earlybert_pretrain.model.bert import BertConfig, BertPreTrainedModel
 
 logger = logging.getLogger(__name__)
 

@@ -1,89 +1,18 @@
-"""Mask distances between tickets, the early-bird stopping rule and the Figure-1 heatmap (paper Sec. 3.3).
-
-The distance between two tickets is the normalised Hamming distance between their binary keep-masks: the fraction
-of heads (or FFN neurons) kept by one ticket and pruned by the other. "combined" is the mean of the head and FFN
-distances, each part weighted equally: over one concatenated mask the FFN neurons (36,864 in BERT-base) would drown
-the 144 heads. The early-bird rule is You et al. (2020)'s: stop once the newest mask is within ``eps`` of each of the
-previous ``window - 1`` masks, here for heads and FFN separately, both required.
-"""
+"""The mask history of a search: every recorded ticket by step, their pairwise distances, the Figure-1 heatmap."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections import deque
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_text, read_json
-
-if TYPE_CHECKING:
-    from .ticket import Ticket
+from earlybert_pretrain.common.files import atomic_path, atomic_write_text, read_json
+from earlybert_pretrain.tickets.distance import DISTANCE_KINDS, check_same_geometry, masks_distance
+from earlybert_pretrain.tickets.ticket import Ticket
 
 HISTORY_FORMAT = "earlybert-mask-history"
 HISTORY_VERSION = 1
-DISTANCE_KINDS = ("head", "ffn", "combined")
-
-
-def _distance(a_masks: tuple[np.ndarray, np.ndarray], b_masks: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
-    head = float(np.mean(a_masks[0] != b_masks[0]))
-    ffn = float(np.mean(a_masks[1] != b_masks[1]))
-    return {"head": head, "ffn": ffn, "combined": (head + ffn) / 2}
-
-
-def _check_same_geometry(a: Ticket, b: Ticket) -> None:
-    for name in ("heads_per_layer", "ffn_per_layer"):
-        if a.source_geometry[name] != b.source_geometry[name]:
-            raise ValueError(f"mask_distance: the tickets were drawn from different geometries ({name} "
-                             f"{a.source_geometry[name]} vs {b.source_geometry[name]})")
-
-
-def mask_distance(a: Ticket, b: Ticket) -> dict[str, float]:
-    """Normalised Hamming distances ``{"head", "ffn", "combined"}`` in [0, 1] between two tickets' masks."""
-    _check_same_geometry(a, b)
-    return _distance(a.masks(), b.masks())
-
-
-class EarlyBirdDetector:
-    """Feed it a ticket every K search steps; ``update`` returns True once the masks have converged.
-
-    It fires when the newest mask is within ``eps`` (strictly below, as You et al.) of each of the previous
-    ``window - 1`` masks, for heads and for FFN neurons. ``distances`` holds, per update after the first, the
-    largest head / FFN distance to the earlier masks in the window. ``fired`` stays True once set. To resume,
-    replay the recorded tickets (e.g. a loaded ``MaskHistory``) through ``update``.
-    """
-
-    def __init__(self, window: int = 5, eps: float = 0.1):
-        if int(window) != window or window < 2:
-            raise ValueError(f"EarlyBirdDetector window must be an integer >= 2, got {window}")
-        if not 0.0 < eps <= 1.0:
-            raise ValueError(f"EarlyBirdDetector eps must be in (0, 1], got {eps}")
-        self.window, self.eps = int(window), float(eps)
-        self._earlier: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=self.window - 1)
-        self._first: Ticket | None = None
-        self.distances: list[dict[str, float]] = []
-        self.fired = False
-        self.fired_at_update: int | None = None  # 0-based index of the update that first fired
-        self.updates = 0
-
-    def update(self, ticket: Ticket) -> bool:
-        if self._first is None:
-            self._first = ticket
-        _check_same_geometry(self._first, ticket)
-        newest = ticket.masks()
-        earlier = list(self._earlier)
-        self._earlier.append(newest)
-        self.updates += 1
-        if not earlier:
-            return False
-        gaps = [_distance(newest, mask) for mask in earlier]
-        worst = {kind: max(gap[kind] for gap in gaps) for kind in ("head", "ffn")}
-        self.distances.append(worst)
-        converged = len(earlier) == self.window - 1 and worst["head"] < self.eps and worst["ffn"] < self.eps
-        if converged and not self.fired:
-            self.fired, self.fired_at_update = True, self.updates - 1
-        return converged
 
 
 class MaskHistory:
@@ -100,7 +29,7 @@ class MaskHistory:
         """Record ``ticket`` at ``step``; entries at or after ``step`` are dropped first, so a resumed search that
         re-records steps after its checkpoint leaves one entry per step."""
         if self.tickets:
-            _check_same_geometry(self.tickets[0], ticket)
+            check_same_geometry(self.tickets[0], ticket)
         keep = sum(1 for recorded in self.steps if recorded < step)
         del self.steps[keep:], self.tickets[keep:]
         self.steps.append(int(step))
@@ -114,7 +43,7 @@ class MaskHistory:
         matrix = np.zeros((len(masks), len(masks)))
         for i in range(len(masks)):
             for j in range(i + 1, len(masks)):
-                matrix[i, j] = matrix[j, i] = _distance(masks[i], masks[j])[kind]
+                matrix[i, j] = matrix[j, i] = masks_distance(masks[i], masks[j])[kind]
         return matrix
 
     def _figure(self, kinds: tuple[str, ...]):
@@ -162,8 +91,6 @@ class MaskHistory:
 
     @classmethod
     def from_dict(cls, values: object, where: str = "mask history") -> MaskHistory:
-        from .ticket import Ticket  # deferred: ticket.py imports this module
-
         if not isinstance(values, dict) or values.get("format") != HISTORY_FORMAT:
             raise ValueError(f"{where}: not a mask history (expected \"format\": \"{HISTORY_FORMAT}\")")
         if values.get("version") != HISTORY_VERSION:

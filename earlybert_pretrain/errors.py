@@ -1,0 +1,32 @@
+"""Errors a user can fix: a bad path, field, ratio or corrupt file. The CLIs catch ``UserError`` alone and print its
+one line (exit 2); anything else is a bug and keeps its traceback and a non-zero exit on every rank.
+
+Subclasses name the part that found the problem; every message names the file or config field and what was expected.
+``UserError`` derives from ``ValueError`` because every one of them is a value the user gave.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Something the user can fix; the message is one line naming the file or field and what was expected."""
+
+
+class ConfigError(UserError):
+    """A config file, field or override."""
+
+
+class RunError(UserError):
+    """A run folder, mode or stage input (another run in the folder, a changed input on resume)."""
+
+
+class TicketError(UserError):
+    """A ticket that is malformed, corrupt, or drawn for another geometry."""
+
+
+class DataError(UserError):
+    """Input data: shards, vocab, task files."""
+
+
+class ModelFolderError(UserError):
+    """An HF-format model folder: missing config or weights, shapes that do not match."""

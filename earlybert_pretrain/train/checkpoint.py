@@ -1,0 +1,177 @@
+"""Crash-safe checkpoints of a DeepSpeed engine, with the RNG state that makes a resumed run the same run.
+
+Layout under ``ckpt_dir``: one folder per tag (``phase1-step000120``) written by DeepSpeed, then a ``complete.json``
+marker (file sizes, stage, step, a save sequence number) written once every rank has finished, then the ``latest``
+file (DeepSpeed's name and format: the tag). A tag without its marker is a crashed save and is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from earlybert_pretrain.common.files import atomic_write_json, atomic_write_text
+from earlybert_pretrain.train.distributed import barrier, rank
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "complete.json"
+LATEST_FILE = "latest"
+CLIENT_STATE_KEY = "earlybert_client_state"  # our client state sits under one key, clear of DeepSpeed's own keys
+TAG_PATTERN = re.compile(r"^(?P<stage>[A-Za-z0-9_]+)-step(?P<step>\d+)$")
+
+
+def capture_rng_state() -> dict:
+    """Python, NumPy, torch CPU and (when present) every CUDA device's RNG state."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_tag(stage: str, step: int) -> str:
+    """``phase1``, 120 -> ``phase1-step000120`` (sorts by step within a stage)."""
+    tag = f"{stage}-step{step:06d}"
+    if not TAG_PATTERN.match(tag):
+        raise ValueError(f"checkpoint stage {stage!r}: expected letters, digits or underscores")
+    return tag
+
+
+def _file_sizes(tag_dir: Path) -> dict[str, int]:
+    return {str(path.relative_to(tag_dir)): path.stat().st_size
+            for path in sorted(tag_dir.rglob("*")) if path.is_file() and path.name != COMPLETE_MARKER}
+
+
+def _read_marker(tag_dir: Path) -> dict | None:
+    try:
+        return json.loads((tag_dir / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def complete_checkpoints(ckpt_dir: str | os.PathLike, stage: str | None = None) -> list[dict]:
+    """Markers of the complete checkpoints (optionally of one stage), oldest save first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    markers = []
+    for tag_dir in ckpt_dir.iterdir():
+        marker = _read_marker(tag_dir) if tag_dir.is_dir() else None
+        if marker is not None and (stage is None or marker["stage"] == stage):
+            markers.append(marker)
+    return sorted(markers, key=lambda marker: marker["sequence"])
+
+
+def _prune_stage(ckpt_dir: Path, stage: str, keep: int, current_tag: str) -> None:
+    """Remove this stage's tags beyond the newest ``keep`` complete ones, and crashed (unmarked) saves of it."""
+    complete = [marker["tag"] for marker in complete_checkpoints(ckpt_dir, stage)]
+    doomed = set(complete[:-keep])
+    for tag_dir in ckpt_dir.iterdir():
+        match = TAG_PATTERN.match(tag_dir.name)
+        if (match and match["stage"] == stage and tag_dir.name != current_tag and tag_dir.is_dir()
+                and (tag_dir.name in doomed or _read_marker(tag_dir) is None)):
+            shutil.rmtree(tag_dir, ignore_errors=True)
+
+
+def save_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str, client_state: dict, keep: int) -> Path:
+    """Save the engine (module, optimizer, scheduler, steps) and ``client_state`` under ``tag``; every rank calls it.
+
+    The tag counts only once the marker is written (after all ranks finished and the files are fsynced); ``latest``
+    moves to it after that; older tags of the same stage beyond ``keep`` are then removed. Assumes ``ckpt_dir`` is on
+    a file system all ranks share.
+    """
+    match = TAG_PATTERN.match(tag)
+    if not match:
+        raise ValueError(f"checkpoint tag {tag!r}: expected '<stage>-step<number>', see checkpoint_tag()")
+    if keep < 1:
+        raise ValueError(f"engine.keep_checkpoints must be >= 1, got {keep}")
+    ckpt_dir = Path(ckpt_dir)
+    tag_dir = ckpt_dir / tag
+    if rank() == 0 and tag_dir.exists():  # a crashed save of the same tag: start clean
+        shutil.rmtree(tag_dir)
+    barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_STATE_KEY: client_state},
+                           save_latest=False)
+    barrier()
+    if rank() == 0:
+        for path in tag_dir.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        previous = complete_checkpoints(ckpt_dir)
+        sequence = previous[-1]["sequence"] + 1 if previous else 1
+        atomic_write_json(tag_dir / COMPLETE_MARKER, {
+            "tag": tag, "stage": match["stage"], "step": int(match["step"]), "sequence": sequence,
+            "files": _file_sizes(tag_dir)})
+        atomic_write_text(ckpt_dir / LATEST_FILE, tag)
+        _prune_stage(ckpt_dir, match["stage"], keep, tag)
+    barrier()
+    return tag_dir
+
+
+def _check_files(tag_dir: Path, marker: dict) -> str | None:
+    """None when every file the marker lists is there with its size, else what is wrong."""
+    for name, size in marker["files"].items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, expected {size}"
+    return None
+
+
+def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | None = None) -> dict | None:
+    """Load the newest complete checkpoint (of ``stage``, when given) into ``engine``; return its client state.
+
+    The tag named by ``latest`` comes first; when its files are missing, truncated or fail to load, the previous
+    complete tag is tried, with a warning that says so. None when there is no checkpoint to try; an error when every
+    one was tried and failed while loading, as the engine may then hold part of one.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    candidates = complete_checkpoints(ckpt_dir, stage)
+    latest_path = ckpt_dir / LATEST_FILE
+    latest = latest_path.read_text().strip() if latest_path.is_file() else None
+    candidates.sort(key=lambda marker: (marker["tag"] == latest, marker["sequence"]), reverse=True)
+    failed_loads = []
+    for index, marker in enumerate(candidates):
+        tag = marker["tag"]
+        problem = _check_files(ckpt_dir / tag, marker)
+        if problem is None:
+            try:
+                load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            except Exception as err:  # torch.load / DeepSpeed raise many types on a damaged file
+                problem = f"loading failed ({type(err).__name__}: {err})"
+                failed_loads.append(tag)
+            else:
+                if load_path is None:
+                    problem = "DeepSpeed found no checkpoint files"
+                elif CLIENT_STATE_KEY not in client_state:
+                    problem = "no client state (not saved by earlybert_pretrain.train.engine.save_checkpoint)"
+        if problem is None:
+            if index:
+                logger.warning("resumed from checkpoint %s in %s (the newer ones were unusable)", tag, ckpt_dir)
+            return client_state[CLIENT_STATE_KEY]
+        following = candidates[index + 1]["tag"] if index + 1 < len(candidates) else None
+        fallback = f"falling back to the previous complete checkpoint {following}" if following else "no other left"
+        logger.warning("checkpoint %s in %s is corrupt: %s; %s", tag, ckpt_dir, problem, fallback)
+    if failed_loads:
+        raise RuntimeError(f"no usable checkpoint in {ckpt_dir}: {', '.join(failed_loads)} failed while loading, so "
+                           "the engine may hold part of one; build a fresh engine, or remove the damaged tags")
+    return None
+
