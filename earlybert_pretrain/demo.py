@@ -1,7 +1,7 @@
 """The README's demo, end to end on a CPU: real Wikipedia text -> shards -> EarlyBERT pre-training vs dense BERT.
 
-1. Finds the real (shortened) English Wikipedia dump: ``$EARLYBERT_WIKI_DUMP``, the ``shared/data`` folder beside
-   the repository, a cached copy, or — on a fresh machine — the same file inside the gensim wheel on PyPI.
+1. Finds the real (shortened) English Wikipedia dump (``data_prep.sample_dump``: ``$EARLYBERT_WIKI_DUMP``, the
+   ``shared/data`` folder beside the repository, the cache, or — on a fresh machine — the gensim wheel on PyPI).
 2. ``earlybert-prep all``: extract -> sentences -> WordPiece vocab -> token shards.
 3. ``earlybert-pretrain`` twice on ``configs/pretrain_demo_cpu.yaml``: the dense baseline, then EarlyBERT
    (search -> draw -> re-init -> phase 1 -> phase 2, 80% of the steps) compared against it.
@@ -14,38 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
+from data_prep.sample_dump import sample_dump
+
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE_NAME = "enwiki-sample-pages-articles.xml.bz2"
-GENSIM_WHEEL = "gensim==4.4.0"
-GENSIM_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "earlybert"
-
-
-def find_sample_dump() -> Path:
-    """The real Wikipedia sample dump; fetched once from the gensim wheel (PyPI) when nothing local has it."""
-    candidates = [os.environ.get("EARLYBERT_WIKI_DUMP"), REPO.parent / "shared/data/wikipedia" / SAMPLE_NAME,
-                  CACHE / SAMPLE_NAME]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    print(f"fetching the Wikipedia sample from the {GENSIM_WHEEL} wheel on PyPI ...", flush=True)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as download_dir:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "-d", download_dir, GENSIM_WHEEL], check=True)
-        wheel = next(Path(download_dir).glob("gensim-*.whl"))
-        with zipfile.ZipFile(wheel) as archive:
-            partial = CACHE / f".{SAMPLE_NAME}.tmp"
-            partial.write_bytes(archive.read(GENSIM_MEMBER))
-            partial.replace(CACHE / SAMPLE_NAME)
-    return CACHE / SAMPLE_NAME
 
 
 def run(command: list[str]) -> None:
@@ -61,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for both pre-training runs")
     args = parser.parse_args(argv)
     out = Path(args.output).resolve()
-    dump = find_sample_dump()
+    dump = sample_dump()
     print(f"Wikipedia sample: {dump}", flush=True)
 
     run([sys.executable, "-m", "data_prep.cli", "all", "--input", str(dump), "--output", str(out / "data"),

@@ -6,27 +6,18 @@ pipeline runs once per session.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-DUMP_NAME = "enwiki-sample-pages-articles.xml.bz2"
+from data_prep.common import PrepError
+from data_prep.sample_dump import sample_dump
+
 TEST_VOCAB_SIZE = 3000
 TEST_SHARDS = 4
 TEST_DOCS_PER_CHUNK = 20
 TEST_VALIDATION_FRACTION = 0.05
-
-
-def dump_path() -> Path | None:
-    """The real shortened enwiki dump: $EARLYBERT_WIKI_DUMP, else ../shared/data/wikipedia/ beside the checkout."""
-    candidates = [os.environ.get("EARLYBERT_WIKI_DUMP")]
-    candidates.append(str(Path(__file__).resolve().parents[2] / "shared/data/wikipedia" / DUMP_NAME))
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
 
 
 @dataclass
@@ -57,10 +48,11 @@ class WikiBuild:
 
 @pytest.fixture(scope="session")
 def wiki_dump() -> Path:
-    dump = dump_path()
-    if dump is None:
-        pytest.skip(f"real dump {DUMP_NAME} not found (set EARLYBERT_WIKI_DUMP or put it in ../shared/data/wikipedia)")
-    return dump
+    """The real dump where the demo finds it (``make install`` fetches it into the cache); tests never fetch."""
+    try:
+        return sample_dump(fetch=False)
+    except PrepError as err:
+        pytest.skip(f"real Wikipedia dump unavailable: {err}")
 
 
 @pytest.fixture(scope="session")
