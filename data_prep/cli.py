@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("download", help="fetch and verify a pages-articles dump (resumable)")
     p.add_argument("--url", help="dump URL (http(s):// or file://) or a local path")
-    p.add_argument("--date", help="dump date for the URL template, e.g. 20240601")
+    p.add_argument("--date", default="latest",
+                   help="dump date YYYYMMDD, or 'latest' (default): the newest complete dump in the dump index")
     p.add_argument("--checksums", help="checksum list URL or path (default: the dump's sha1sums.txt)")
     p.add_argument("--url-template", default=None, help="dump URL with {date}")
     p.add_argument("--output", required=True, help="directory for the dump")
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("all", help="the whole chain into OUTPUT/{articles,sentences,vocab,shards}")
     p.add_argument("--input", nargs="+", help="dump path(s)/URL (.xml.bz2), or one datasets source "
                    "(.parquet/.jsonl/hub name)")
-    p.add_argument("--date", help="download the enwiki dump of this date instead of --input")
+    p.add_argument("--date", help="download the enwiki dump of this date (YYYYMMDD or 'latest') instead of --input")
     p.add_argument("--checksums", help="checksum list for a downloaded dump")
     p.add_argument("--dataset-config", help="config of a hub dataset (e.g. 20231101.en)")
     p.add_argument("--dataset-split", default="train")

@@ -3,12 +3,17 @@ published checksum list (``<hex digest>  <file name>`` lines; md5, sha1 or sha25
 
 ``http(s)://`` and ``file://`` URLs are fetched into ``out_dir`` (``file://`` honours the same resume logic, which
 is what the tests exercise); a plain local path is used where it lies, verified when a checksum list is given.
+
+Wikimedia keeps only the most recent dumps online, so a dated URL goes stale within months: ``date="latest"`` (the
+default) resolves to the newest date in the dump index whose pages-articles job is done (its ``dumpstatus.json``).
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
+import re
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -17,11 +22,17 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-from data_prep.common import MANIFEST, PrepError, stage_done, write_json_atomic
+from data_prep.common import MANIFEST, PrepError, stage_done
+from earlybert_pretrain.common.files import atomic_write_json, file_digest
 
 STAGE = "download"
 DUMP_URL_TEMPLATE = "https://dumps.wikimedia.org/enwiki/{date}/enwiki-{date}-pages-articles.xml.bz2"
 CHECKSUM_URL_TEMPLATE = "https://dumps.wikimedia.org/enwiki/{date}/enwiki-{date}-sha1sums.txt"
+DUMP_INDEX_URL = "https://dumps.wikimedia.org/enwiki/"
+STATUS_URL_TEMPLATE = "https://dumps.wikimedia.org/enwiki/{date}/dumpstatus.json"
+LATEST = "latest"
+ARTICLES_JOB = "articlesdump"  # the job that writes pages-articles.xml.bz2
+DATE_LINK = re.compile(r'href="(\d{8})/"')
 HASH_BY_LENGTH = {32: "md5", 40: "sha1", 64: "sha256"}
 BLOCK = 1 << 20
 
@@ -43,6 +54,27 @@ def expected_digest(checksums: str, file_name: str) -> tuple[str, str]:
         if len(parts) == 2 and parts[1].lstrip("*") == file_name and len(parts[0]) in HASH_BY_LENGTH:
             return HASH_BY_LENGTH[len(parts[0])], parts[0].lower()
     raise PrepError(f"{checksums}: no checksum listed for {file_name}")
+
+
+def _articles_done(status_url: str) -> bool:
+    """Whether the dump's status page says its pages-articles job finished; a missing page means not (yet)."""
+    try:
+        status = json.loads(_read_url(status_url))
+    except (PrepError, ValueError):
+        return False
+    return status.get("jobs", {}).get(ARTICLES_JOB, {}).get("status") == "done"
+
+
+def resolve_latest_date(index_url: str = DUMP_INDEX_URL, status_template: str = STATUS_URL_TEMPLATE) -> str:
+    """The newest dump date listed in the index page whose pages-articles file is complete."""
+    dates = sorted(set(DATE_LINK.findall(_read_url(index_url).decode("utf-8", "replace"))), reverse=True)
+    if not dates:
+        raise PrepError(f"{index_url}: no dump dates (YYYYMMDD/ links) in the dump index")
+    for date in dates:
+        if _articles_done(status_template.format(date=date)):
+            return date
+    raise PrepError(f"{index_url}: none of the {len(dates)} listed dumps ({dates[-1]}..{dates[0]}) has a finished "
+                    f"{ARTICLES_JOB} job")
 
 
 def _open_from(url: str, offset: int) -> tuple[IO[bytes], int, int | None]:
@@ -72,14 +104,6 @@ def _open_from(url: str, offset: int) -> tuple[IO[bytes], int, int | None]:
     return response, 0, int(length) if length else None
 
 
-def _digest_file(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while block := handle.read(BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(url: str, target: Path) -> Path:
     """Download ``url`` to ``target`` through ``target.part``, resuming the part file if one exists."""
     part = target.with_name(target.name + ".part")
@@ -104,12 +128,18 @@ def download(
     checksums: str | None = None,
     url_template: str = DUMP_URL_TEMPLATE,
     checksum_template: str = CHECKSUM_URL_TEMPLATE,
+    index_url: str = DUMP_INDEX_URL,
+    status_template: str = STATUS_URL_TEMPLATE,
 ) -> Path:
-    """Fetch and verify the dump; returns its local path. Give ``url`` (or a local path) or a dump ``date``."""
+    """Fetch and verify the dump; returns its local path. Give ``url`` (or a local path) or a dump ``date``
+    (YYYYMMDD, or "latest" / None: the newest complete dump in ``index_url``)."""
     out_dir = Path(out_dir)
     if url is None:
-        if date is None:
-            raise PrepError("download: give --url (URL or local path) or --date (e.g. 20240601)")
+        if date in (None, LATEST):
+            date = resolve_latest_date(index_url, status_template)
+            print(f"download: latest complete dump is {date}", file=sys.stderr)
+        elif not re.fullmatch(r"\d{8}", date):
+            raise PrepError(f"download: --date {date!r}, expected YYYYMMDD or {LATEST!r}")
         url = url_template.format(date=date)
         checksums = checksums or checksum_template.format(date=date)
     params: dict[str, Any] = {"url": url, "checksums": checksums}
@@ -129,7 +159,7 @@ def download(
     if not target.exists():
         fetch(url, target)
     verified = _verify(target, checksums, downloaded=True) if checksums else None
-    write_json_atomic(out_dir / MANIFEST, {
+    atomic_write_json(out_dir / MANIFEST, {
         "stage": STAGE, "params": params,
         "files": [{"name": target.name, "bytes": target.stat().st_size, "checksum": verified}],
     })
@@ -138,7 +168,7 @@ def download(
 
 def _verify(path: Path, checksums: str, downloaded: bool = False) -> dict[str, str]:
     algorithm, expected = expected_digest(checksums, path.name)
-    actual = _digest_file(path, algorithm)
+    actual = file_digest(path, algorithm)
     if actual != expected:
         note = ""
         if downloaded:
