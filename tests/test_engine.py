@@ -1,6 +1,7 @@
 """The DeepSpeed engine on CPU: config checks, gradient accumulation, exact checkpoint round trips, corrupt fallback."""
 
 import copy
+import json
 import logging
 import random
 
@@ -8,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from earlybert_pretrain.common.files import sha256_file
 from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.train.checkpoint import (
+    COMPLETE_MARKER,
     capture_rng_state,
     checkpoint_tag,
     complete_checkpoints,
@@ -206,7 +209,7 @@ def test_corrupt_latest_falls_back_to_the_previous_tag(single_process_dist, tmp_
     if damage == "truncate":
         with open(states, "r+b") as handle:
             handle.truncate(size // 2)
-    elif damage == "overwrite":  # same size, garbage content: only the load itself can tell
+    elif damage == "overwrite":  # same size, garbage content: the sha256 in the marker tells
         states.write_bytes(bytes(size))
     else:
         states.unlink()
@@ -229,7 +232,11 @@ def test_no_usable_checkpoint(single_process_dist, tmp_path):
     assert load_latest_checkpoint(engine, tmp_path) is None
     save_checkpoint(engine, tmp_path, checkpoint_tag("search", 6), {"step": 6}, keep=1)
     states = tmp_path / checkpoint_tag("search", 6) / "mp_rank_00_model_states.pt"
-    states.write_bytes(bytes(states.stat().st_size))  # the only checkpoint, damaged past the size check
+    states.write_bytes(bytes(states.stat().st_size))  # the only checkpoint, damaged before its marker was written:
+    marker_path = states.parent / COMPLETE_MARKER  # its checksum matches, only the load itself can tell
+    marker = json.loads(marker_path.read_text())
+    marker["sha256"][states.name] = sha256_file(states)
+    marker_path.write_text(json.dumps(marker))
     with pytest.raises(RuntimeError, match="search-step000006 failed while loading"):
         load_latest_checkpoint(engine, tmp_path)
 

@@ -1,8 +1,9 @@
 """Crash-safe checkpoints of a DeepSpeed engine, with the RNG state that makes a resumed run the same run.
 
 Layout under ``ckpt_dir``: one folder per tag (``phase1-step000120``) written by DeepSpeed, then a ``complete.json``
-marker (file sizes, stage, step, a save sequence number) written once every rank has finished, then the ``latest``
-file (DeepSpeed's name and format: the tag). A tag without its marker is a crashed save and is ignored.
+marker (each file's size and sha256, stage, step, a save sequence number) written once every rank has finished, then
+the ``latest`` file (DeepSpeed's name and format: the tag). A tag without its marker is a crashed save and is ignored;
+a tag whose files no longer match their marker (missing, truncated, flipped bytes) is skipped for the previous one.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from earlybert_pretrain.common.files import atomic_write_json, atomic_write_text
-from earlybert_pretrain.train.distributed import barrier, rank
+from earlybert_pretrain.common.files import atomic_write_json, atomic_write_text, sha256_file
+from earlybert_pretrain.train.distributed import barrier, from_every_rank, rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,15 @@ def checkpoint_tag(stage: str, step: int) -> str:
     return tag
 
 
-def _file_sizes(tag_dir: Path) -> dict[str, int]:
-    return {str(path.relative_to(tag_dir)): path.stat().st_size
-            for path in sorted(tag_dir.rglob("*")) if path.is_file() and path.name != COMPLETE_MARKER}
+def _tag_files(tag_dir: Path) -> list[Path]:
+    return [path for path in sorted(tag_dir.rglob("*")) if path.is_file() and path.name != COMPLETE_MARKER]
+
+
+def _fsync_and_hash(path: Path) -> str:
+    """Flush ``path`` to disk and return its sha256 (the bytes are still in the page cache: no second disk read)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    return sha256_file(path)
 
 
 def _read_marker(tag_dir: Path) -> dict | None:
@@ -110,38 +117,52 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str, client_state:
                            save_latest=False)
     barrier()
     if rank() == 0:
-        for path in tag_dir.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
+        files = _tag_files(tag_dir)
+        sha256 = {str(path.relative_to(tag_dir)): _fsync_and_hash(path) for path in files}
         previous = complete_checkpoints(ckpt_dir)
         sequence = previous[-1]["sequence"] + 1 if previous else 1
         atomic_write_json(tag_dir / COMPLETE_MARKER, {
             "tag": tag, "stage": match["stage"], "step": int(match["step"]), "sequence": sequence,
-            "files": _file_sizes(tag_dir)})
+            "files": {str(path.relative_to(tag_dir)): path.stat().st_size for path in files}, "sha256": sha256})
         atomic_write_text(ckpt_dir / LATEST_FILE, tag)
         _prune_stage(ckpt_dir, match["stage"], keep, tag)
     barrier()
     return tag_dir
 
 
-def _check_files(tag_dir: Path, marker: dict) -> str | None:
-    """None when every file the marker lists is there with its size, else what is wrong."""
+def _local_problem(tag_dir: Path, marker: dict) -> str | None:
+    """This rank's verdict: every listed file there with its size, and this rank's share of them with its sha256."""
+    checksums = marker.get("sha256") or {}
+    if set(checksums) != set(marker["files"]):
+        return f"{COMPLETE_MARKER} lacks the sha256 of some files (written by an older version)"
     for name, size in marker["files"].items():
         path = tag_dir / name
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, expected {size}"
+    for name in sorted(checksums)[rank()::world_size()]:
+        if sha256_file(tag_dir / name) != checksums[name]:
+            return f"{name} does not match its sha256 in {COMPLETE_MARKER} (its bytes changed after the save)"
     return None
+
+
+def _check_files(tag_dir: Path, marker: dict) -> str | None:
+    """None when every file the marker lists is there with its size and sha256, else what is wrong.
+
+    The hashing is split over the ranks (rank r hashes every world_size-th file) and the verdicts are shared, so
+    each byte is read once per load and every rank reaches the same verdict.
+    """
+    return next((verdict for verdict in from_every_rank(_local_problem(tag_dir, marker)) if verdict), None)
 
 
 def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | None = None) -> dict | None:
     """Load the newest complete checkpoint (of ``stage``, when given) into ``engine``; return its client state.
 
-    The tag named by ``latest`` comes first; when its files are missing, truncated or fail to load, the previous
-    complete tag is tried, with a warning that says so. None when there is no checkpoint to try; an error when every
-    one was tried and failed while loading, as the engine may then hold part of one.
+    The tag named by ``latest`` comes first; when its files are missing, truncated, changed (sha256) or fail to load,
+    the previous complete tag is tried, with a warning that names the tag and the file. None when there is no
+    checkpoint to try; an error when every one was tried and failed while loading, as the engine may then hold part
+    of one.
     """
     ckpt_dir = Path(ckpt_dir)
     candidates = complete_checkpoints(ckpt_dir, stage)
