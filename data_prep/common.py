@@ -1,74 +1,38 @@
-"""Helpers shared by the stages: the error type, atomic writes, hashing, stage manifests, worker pools."""
+"""Helpers shared by the stages: the error type, stage manifests, worker pools.
+
+Atomic writes, temp-file sweeping and hashing are ``earlybert_pretrain.common.files`` (the one implementation); every
+temp name there starts with ``TEMP_MARK``, so ``begin_stage`` sweeps what a killed run left.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from earlybert_pretrain.common import files
+from earlybert_pretrain.common.files import atomic_write_json, read_json, remove_stale_temps
+from earlybert_pretrain.errors import UserError
+
+# shard.py and sample_dump.py still import these names from here; drop them once those import common.files directly.
+atomic_path, sha256_file = files.atomic_path, files.sha256_file
+write_json_atomic, remove_stale_tmp = atomic_write_json, remove_stale_temps
+
 MANIFEST = "manifest.json"
-TMP_MARK = ".tmp-"
 
 
-class PrepError(ValueError):
+class PrepError(UserError):
     """An error the user can cause (bad input file, corrupt dump, wrong vocab); the message names the file."""
-
-
-def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def tmp_name(path: Path) -> Path:
-    # Same directory as the target so the final os.replace is an atomic rename, never a copy.
-    return path.with_name(f"{TMP_MARK}{os.getpid()}-{path.name}")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block finishes."""
-    path = Path(path)
-    tmp = tmp_name(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def remove_stale_tmp(directory: Path) -> None:
-    """Delete temp files a killed run left behind (they never carry a final name)."""
-    for stale in directory.glob(f"{TMP_MARK}*"):
-        stale.unlink(missing_ok=True)
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PrepError(f"{path}: not valid JSON ({exc})") from exc
+    return read_json(path, "stage manifest", PrepError) if path.exists() else None
 
 
 def require_manifest(directory: str | Path, stage: str) -> dict[str, Any]:
@@ -94,15 +58,15 @@ def begin_stage(directory: Path, params: dict[str, Any], outputs: list[str]) -> 
     are never mistaken for finished work.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(directory)
+    remove_stale_temps(directory)
     params_file = directory / "params.json"
-    recorded = json.loads(params_file.read_text(encoding="utf-8")) if params_file.exists() else None
+    recorded = read_json(params_file, "stage parameters", PrepError) if params_file.exists() else None
     if read_manifest(directory) is not None or (recorded is not None and recorded != params):
         for pattern in outputs:
             for stale in directory.glob(pattern):
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     (directory / MANIFEST).unlink(missing_ok=True)
-    write_json_atomic(params_file, params)
+    atomic_write_json(params_file, params)
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:

@@ -11,8 +11,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_prep.common import MANIFEST, PrepError, begin_stage, sha256_file, stage_done, write_json_atomic
+from data_prep.common import MANIFEST, PrepError, begin_stage, stage_done
 from data_prep.extract import chunk_name, count_lines, write_jsonl
+from earlybert_pretrain.common.files import atomic_write_json, sha256_file
 
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
@@ -66,5 +67,5 @@ def articles_from_dataset(
         raise PrepError(f"{source}: no rows with text")
     manifest = {"stage": "extract", "params": params, "stats": {"articles": len(dataset), "documents": documents},
                 "files": files}
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest

@@ -18,17 +18,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from data_prep.common import (
-    MANIFEST,
-    PrepError,
-    atomic_path,
-    begin_stage,
-    ordered_parallel_map,
-    sha256_file,
-    stage_done,
-    write_json_atomic,
-)
+from data_prep.common import MANIFEST, PrepError, begin_stage, ordered_parallel_map, stage_done
 from data_prep.wikitext import wikitext_to_text
+from earlybert_pretrain.common.files import atomic_path, atomic_write_json, sha256_file
 
 STAGE = "extract"
 PAGES_PER_TASK = 32
@@ -195,5 +187,5 @@ def extract(
         "stats": {**stats, "articles": kept, "documents": sum(f["documents"] for f in files)},
         "files": files,
     }
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest

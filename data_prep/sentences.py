@@ -19,15 +19,13 @@ from tqdm import tqdm
 from data_prep.common import (
     MANIFEST,
     PrepError,
-    atomic_path,
     begin_stage,
     manifest_digest,
     ordered_parallel_map,
     require_manifest,
-    sha256_file,
     stage_done,
-    write_json_atomic,
 )
+from earlybert_pretrain.common.files import atomic_path, atomic_write_json, sha256_file
 
 STAGE = "sentences"
 ABBREVIATIONS = frozenset(
@@ -121,5 +119,5 @@ def split_corpus(articles_dir: str | Path, out_dir: str | Path, workers: int = 1
         "stats": {"documents": sum(f["documents"] for f in files), "sentences": sum(f["sentences"] for f in files)},
         "files": files,
     }
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest

@@ -14,19 +14,11 @@ from typing import Any
 
 from tokenizers import BertWordPieceTokenizer, Tokenizer
 
-from data_prep.common import (
-    MANIFEST,
-    PrepError,
-    atomic_path,
-    manifest_digest,
-    require_manifest,
-    sha256_file,
-    stage_done,
-    write_json_atomic,
-)
+from data_prep.common import MANIFEST, PrepError, manifest_digest, require_manifest, stage_done
+from earlybert_pretrain.common.files import atomic_path, atomic_write_json, sha256_file
+from earlybert_pretrain.common.tokens import SPECIAL_TOKENS
 
 STAGE = "vocab"
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 VOCAB_FILE = "vocab.txt"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -125,7 +117,7 @@ def build_vocab(
             _iter_sentences(sentences_dir, names),
             vocab_size=vocab_size,
             min_frequency=min_frequency,
-            special_tokens=SPECIAL_TOKENS,
+            special_tokens=list(SPECIAL_TOKENS),
             show_progress=False,
             length=upstream["stats"]["sentences"],
         )
@@ -133,7 +125,7 @@ def build_vocab(
         # one canonical order (special tokens first, then by code point) and build tokenizer.json from that file.
         trained = set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS)
         with atomic_path(out_dir / VOCAB_FILE) as tmp:
-            tmp.write_text("".join(f"{token}\n" for token in SPECIAL_TOKENS + sorted(trained)), encoding="utf-8")
+            tmp.write_text("".join(f"{token}\n" for token in [*SPECIAL_TOKENS, *sorted(trained)]), encoding="utf-8")
         _write_tokenizer_from_vocab(out_dir / VOCAB_FILE, out_dir, lowercase)
     tokens = read_vocab(out_dir / VOCAB_FILE)
     manifest = {
@@ -146,5 +138,5 @@ def build_vocab(
         "files": [{"name": name, "bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)}
                   for name in (VOCAB_FILE, TOKENIZER_FILE)],
     }
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest

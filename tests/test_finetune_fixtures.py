@@ -6,16 +6,16 @@ import json
 import random
 from pathlib import Path
 
+from earlybert_pretrain.common.tokens import SPECIAL_TOKENS
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.model.hf import save_pretrained
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 POSITIVE = ["good", "great", "fine", "happy", "lovely", "nice"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "ugly", "boring"]
 FILLER = ["the", "a", "film", "movie", "plot", "was", "is", "very", "quite", "and", "it", "story", "cat", "sat",
           "on", "mat", "dog", "ran", "in", "park", "paris", "capital", "of", "france", "who", "what", "where",
           "when", "city", "river", "flows", "through", "built", "1889", "tower", "eiffel", "?", ".", ","]
-VOCAB = SPECIAL_TOKENS + POSITIVE + NEGATIVE + FILLER
+VOCAB = list(SPECIAL_TOKENS) + POSITIVE + NEGATIVE + FILLER
 TINY_CONFIG = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
                    attention_probs_dropout_prob=0.0)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from earlybert_pretrain.common.tokens import IGNORE_INDEX
+
 # Max predictions per sequence over sequence length: 20/128 and 80/512 in the BERT recipe (Sec. 4.1 setting).
 DEFAULT_MASKED_FRACTION = 20 / 128
 
@@ -89,11 +90,6 @@ class BertConfig:
     @property
     def head_size(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def is_uniform(self) -> bool:
-        return (set(self.heads_per_layer) == {self.num_attention_heads}
-                and set(self.ffn_per_layer) == {self.intermediate_size})
 
     def to_dict(self) -> dict:
         return asdict(self)

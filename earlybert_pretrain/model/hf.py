@@ -11,12 +11,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from earlybert_pretrain.common.files import atomic_folder, read_json
+from earlybert_pretrain.errors import ModelFolderError
 from earlybert_pretrain.model.bert import BertConfig, BertPreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -34,18 +35,17 @@ INDEX_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 def read_config(folder: str | os.PathLike) -> BertConfig:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        raise ValueError(f"{folder}: no {CONFIG_NAME} in this folder; expected an HF-format model folder")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise ModelFolderError(f"{folder}: no {CONFIG_NAME} in this folder; expected an HF-format model folder")
+    values = read_json(path, "model config", ModelFolderError)
+    if not isinstance(values, dict):
+        raise ModelFolderError(f"{path}: expected a JSON object of BERT config fields")
     act = values.get("hidden_act", "gelu")
     if act != "gelu":
-        raise ValueError(f"{path}: hidden_act={act!r} is not supported; expected 'gelu' (exact erf GELU)")
+        raise ModelFolderError(f"{path}: hidden_act={act!r} is not supported; expected 'gelu' (exact erf GELU)")
     try:
         return BertConfig.from_dict(values)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ModelFolderError(f"{path}: {err}") from None
 
 
 def read_state_dict(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
@@ -57,8 +57,8 @@ def read_state_dict(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
             try:
                 return loader(str(path)), path
             except Exception as err:  # corrupt or truncated weights: name the file, not the library internals
-                raise ValueError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
-    raise ValueError(f"{folder}: no weights; expected {SAFETENSORS_NAME} or {TORCH_WEIGHTS_NAME}")
+                raise ModelFolderError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+    raise ModelFolderError(f"{folder}: no weights; expected {SAFETENSORS_NAME} or {TORCH_WEIGHTS_NAME}")
 
 
 def _normalise_keys(state: dict[str, torch.Tensor], model: BertPreTrainedModel) -> dict[str, torch.Tensor]:
@@ -79,7 +79,7 @@ def load_pretrained(model_class: type[BertPreTrainedModel], folder: str | os.Pat
     config = read_config(folder)
     for key, value in config_overrides.items():
         if not hasattr(config, key):
-            raise ValueError(f"unknown BertConfig field {key!r}")
+            raise TypeError(f"load_pretrained: unknown BertConfig field {key!r}")
         setattr(config, key, value)
     config.validate()
     model = model_class(config)
@@ -88,7 +88,7 @@ def load_pretrained(model_class: type[BertPreTrainedModel], folder: str | os.Pat
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key in state and state[key].shape != tensor.shape:
-            raise ValueError(
+            raise ModelFolderError(
                 f"{weights_path}: {key} has shape {tuple(state[key].shape)} but {Path(folder) / CONFIG_NAME} implies "
                 f"{tuple(tensor.shape)}")
     coefficient_keys = {key for key in expected if key.endswith(("head_coefficients", "neuron_coefficients"))}
@@ -104,27 +104,6 @@ def load_pretrained(model_class: type[BertPreTrainedModel], folder: str | os.Pat
     return model
 
 
-def _atomic_folder_write(folder: Path, write) -> None:
-    """Write into a temp folder beside ``folder`` and swap it in, so a crash never leaves half a model."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        if folder.is_dir():  # keep files we do not own (tokenizer, notes) that are already there
-            for item in folder.iterdir():
-                if item.is_file() and item.name not in (CONFIG_NAME, SAFETENSORS_NAME, TORCH_WEIGHTS_NAME):
-                    shutil.copy2(item, staging / item.name)
-        write(staging)
-        backup = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            shutil.rmtree(backup, ignore_errors=True)
-            folder.rename(backup)
-        staging.rename(folder)
-        shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
 def save_pretrained(model: BertPreTrainedModel, folder: str | os.PathLike, architecture: str | None = None) -> None:
     """config.json (per-layer geometry included) + model.safetensors; reloadable with identical outputs."""
     config = model.config.to_dict()
@@ -133,11 +112,15 @@ def save_pretrained(model: BertPreTrainedModel, folder: str | os.PathLike, archi
     state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()
              if key not in TIED_KEYS}
 
-    def write(staging: Path) -> None:
+    folder = Path(folder)
+    with atomic_folder(folder) as staging:  # a crash never leaves half a model
+        if folder.is_dir():  # keep files we do not own (tokenizer, notes) that are already there
+            for item in folder.iterdir():
+                if item.is_file() and item.name not in (CONFIG_NAME, SAFETENSORS_NAME, TORCH_WEIGHTS_NAME):
+                    shutil.copy2(item, staging / item.name)
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(state, str(staging / SAFETENSORS_NAME), metadata={"format": "pt"})
-
-    _atomic_folder_write(Path(folder), write)
+        # Bytes written by us, not save_file: safetensors creates its files 0o600 whatever the umask says.
+        (staging / SAFETENSORS_NAME).write_bytes(save(state, metadata={"format": "pt"}))
 
 
 def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLike) -> list[str]:

@@ -35,11 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_prep.common import sha256_file
 from data_prep.indexed import IndexedShard
+from earlybert_pretrain.common.files import sha256_file
+from earlybert_pretrain.common.tokens import IGNORE_INDEX, SPECIAL_TOKENS
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-IGNORE_INDEX = -100
 RANDOM_NEXT_TRIES = 10
 
 
