@@ -1,6 +1,7 @@
 """Fine-tuning time: dense vs an EarlyBERT ticket on the same model and batches (paper Sec. 4.1 protocol, Sec. 4.2).
 
-Measures the median training-step time (forward, backward, AdamW; data I/O excluded, CUDA-synchronised) of
+Measures the median training-step time on the training backend (forward, backward, AdamW; data I/O excluded,
+CUDA-synchronised) of
   * the dense model (dense fine-tuning),
   * the dense model with slimming coefficients and the L1 penalty (the search stage),
   * the model pruned by a ticket with EarlyBERT's fine-tuning counts (4 of 12 heads per layer, 40% FFN, global);
@@ -22,32 +23,44 @@ import statistics
 
 import torch
 
+from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.finetune.config import FinetuneConfig, resolve_heads_to_prune
-from earlybert_pretrain.finetune.loop import make_optimizer, timed_step
 from earlybert_pretrain.finetune.models import BertForSequenceClassification
-from earlybert_pretrain.finetune.runtime import Runtime
 from earlybert_pretrain.model.bert import BertConfig
 from earlybert_pretrain.tickets.draw import l1_penalty, random_ticket
 from earlybert_pretrain.tickets.prune import prune
-from earlybert_pretrain.train.telemetry import StepTimer
+from earlybert_pretrain.train.engine import init_distributed, resolve_precision
+from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageHook, StageSettings
 
 SEARCH_EPOCHS, PRUNED_EPOCHS, DENSE_EPOCHS = 0.2, 2.0, 3.0  # Sec. 4.2
 
 
+class L1Term(StageHook):
+    def extra_loss(self, module):
+        return l1_penalty(module, 1e-4)
+
+
 def interleaved_step_seconds(variants: dict, batch, runtime: Runtime, steps: int, warmup: int) -> dict:
-    """Per-variant step times, one step of each variant in turn so that load changes on a shared machine hit all
-    of them alike; returns {name: [seconds per timed step]}."""
-    states = {}
+    """Per-variant step times on the training backend (the fine-tuning recipe's AdamW stage), one step of each
+    variant in turn so that load changes on a shared machine hit all of them alike; {name: [seconds per step]}."""
+    optimizer = OptimizerConfig(name="adamw", eps=1e-6, weight_decay=0.01)
+    stages, hooks = {}, {}
     for name, (model, search) in variants.items():
-        model.to(runtime.device).train()
-        extra = (lambda model=model: l1_penalty(model, 1e-4)) if search else None
-        states[name] = (model, make_optimizer(model, 2e-5, 0.01, 1e-6), extra, StepTimer(runtime.device))
+        settings = StageSettings(name=name, seed=0, global_batch_size=len(batch["input_ids"]),
+                                 micro_batch_size=len(batch["input_ids"]), optimizer=optimizer, lr=2e-5,
+                                 schedule=Schedule(warmup + steps, kind=None), grad_clip=1.0)
+        stages[name] = Stage.build(model, settings, runtime)
+        hooks[name] = [L1Term()] if search else []
     times = {name: [] for name in variants}
-    for index in range(warmup + steps):
-        for name, (model, optimizer, extra, timer) in states.items():
-            timed_step(model, batch, optimizer, None, runtime, timer, 1.0, extra_loss=extra)
-            if index >= warmup:
-                times[name].append(timer.last_seconds)
+    try:
+        for index in range(warmup + steps):
+            for name, stage in stages.items():
+                stage.train_step([batch], hooks[name])
+                if index >= warmup:
+                    times[name].append(stage.timer.last_seconds)
+    finally:
+        for stage in stages.values():
+            stage.release()
     return times
 
 
@@ -63,7 +76,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
 
-    runtime = Runtime.from_env(args.precision)
+    rank, world_size, device = init_distributed()
+    runtime = Runtime(rank, world_size, device, resolve_precision(args.precision, device))
     torch.manual_seed(0)
     if args.model:
         dense = BertForSequenceClassification.from_pretrained(args.model, num_labels=2)
@@ -90,7 +104,7 @@ def main() -> None:
     dense_total = DENSE_EPOCHS * times["dense"]
     result = {
         "device": torch.cuda.get_device_name() if runtime.device.type == "cuda" else "cpu",
-        "precision": str(runtime.amp_dtype or "fp32"), "batch": args.batch, "seq": args.seq, "steps": args.steps,
+        "precision": runtime.precision, "batch": args.batch, "seq": args.seq, "steps": args.steps,
         "geometry": {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
                      "heads_per_layer": pruned.config.heads_per_layer[0], "ffn_kept": sum(pruned.config.ffn_per_layer),
                      "ffn_dense": sum(config.ffn_per_layer)},

@@ -15,7 +15,8 @@ def referenced_paths(text: str) -> set[str]:
     pattern = r"(?<![\w/.-])((?:configs|launch|docker|benchmarks)/[\w./-]+\.(?:yaml|json|sh|slurm|py|example))"
     paths = set(re.findall(pattern, text))
     for module in re.findall(r"(?:--module|-m)\s+([\w.]+)", text):
-        paths.add(module.replace(".", "/") + ".py")
+        stem = module.replace(".", "/")  # a module file, or a package run through its __main__.py
+        paths.add(f"{stem}/__main__.py" if (ROOT / stem).is_dir() else f"{stem}.py")
     return paths
 
 

@@ -16,7 +16,7 @@ from test_finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
 from test_pretrain import tiny_recipe
 
 from earlybert_pretrain.finetune import cli as finetune_cli
-from earlybert_pretrain.pretrain import recipe as pretrain
+from earlybert_pretrain.pretrain import cli as pretrain
 
 pytest_plugins = ["data_fixtures"]
 BASELINES = Path(__file__).resolve().parent / "baselines"

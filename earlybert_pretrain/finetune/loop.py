@@ -1,13 +1,12 @@
-"""The pieces every training stage shares: batches, one timed optimizer step, prediction and scoring.
+"""Fine-tuning batches (global batches split over ranks, independent of the number of ranks), prediction, scoring.
 
-A step is timed as the paper's protocol says (Sec. 4.1): the batch is fetched and moved to the device before the
-timer starts, so data I/O is excluded; the timer covers forward, backward, clipping and the optimizer update.
+The training step itself is the backend's (``train.stage.Stage``), shared with pre-training.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import datasets
@@ -18,12 +17,8 @@ from torch.utils.data import DataLoader
 
 from earlybert_pretrain.finetune.features import pad_batch
 from earlybert_pretrain.finetune.metrics import classification_scores, squad_scores
-from earlybert_pretrain.finetune.runtime import Runtime, unwrap
 from earlybert_pretrain.finetune.squad import SquadSettings, extract_answers
 from earlybert_pretrain.finetune.tasks import TaskSpec
-from earlybert_pretrain.train.optim import weight_decay_groups
-from earlybert_pretrain.train.schedules import build_scheduler
-from earlybert_pretrain.train.telemetry import StepTimer
 
 # Batch fields each head takes as its training targets.
 _TARGETS = {"squad": ("start_position", "end_position")}
@@ -80,9 +75,9 @@ class TrainBatches:
             epoch += 1
 
 
-def train_batches(features: datasets.Dataset, batch_size: int, runtime: Runtime, seed: int,
+def train_batches(features: datasets.Dataset, batch_size: int, rank: int, world_size: int, seed: int,
                   pad_token_id: int) -> TrainBatches:
-    sampler = GlobalBatchSampler(len(features), batch_size, runtime.rank, runtime.world_size, seed)
+    sampler = GlobalBatchSampler(len(features), batch_size, rank, world_size, seed)
     loader = DataLoader(features, batch_sampler=sampler, collate_fn=lambda rows: pad_batch(rows, pad_token_id))
     return TrainBatches(loader, sampler)
 
@@ -95,48 +90,17 @@ def model_inputs(batch: dict[str, torch.Tensor], task: TaskSpec, device: torch.d
     return {_TARGET_ARGS.get(name, name): batch[name].to(device, non_blocking=True) for name in names}
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.Optimizer:
-    """AdamW (Sec. 4.1) without weight decay on biases, LayerNorm and slimming coefficients."""
-    return torch.optim.AdamW(weight_decay_groups(unwrap(model), weight_decay), lr=lr, eps=eps)
-
-
-def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int,
-                    warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``warmup`` of the steps, then linear decay to 0 at ``total_steps``."""
-    return build_scheduler(optimizer, total_steps, warmup, schedule="warmup_linear")
-
-
-def timed_step(model: nn.Module, inputs: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler | None, runtime: Runtime, timer: StepTimer,
-               grad_clip: float, extra_loss: Callable[[], torch.Tensor] | None = None) -> dict[str, float]:
-    """One optimizer step inside the timer; returns the losses (read after the timer stops)."""
-    with timer.step(tokens=int(inputs["attention_mask"].sum())):
-        with runtime.autocast():
-            task_loss = model(**inputs).loss
-            penalty = extra_loss() if extra_loss is not None else None
-            loss = task_loss if penalty is None else task_loss + penalty
-        runtime.backward_and_step(loss, model, optimizer, grad_clip)
-        if scheduler is not None:
-            scheduler.step()
-    values = {"loss": loss.item(), "task_loss": task_loss.item()}
-    if penalty is not None:
-        values["l1_penalty"] = penalty.item()
-    return values
-
-
 @torch.no_grad()
-def predict(model: nn.Module, features: datasets.Dataset, task: TaskSpec, runtime: Runtime, batch_size: int,
+def predict(model: nn.Module, features: datasets.Dataset, task: TaskSpec, device: torch.device, batch_size: int,
             pad_token_id: int) -> list[np.ndarray]:
     """Logits per feature, in order: [num_labels] per example, or [length, 2] per SQuAD window."""
-    model = unwrap(model)
     was_training = model.training
     model.eval()
     loader = DataLoader(features, batch_size=batch_size, collate_fn=lambda rows: pad_batch(rows, pad_token_id))
     outputs = []
     for batch in loader:
-        inputs = model_inputs(batch, task, runtime.device, with_targets=False)
-        with runtime.autocast():
-            logits = model(**inputs).logits.float().cpu().numpy()
+        inputs = model_inputs(batch, task, device, with_targets=False)
+        logits = model(**inputs).logits.float().cpu().numpy()
         if task.kind == "squad":
             lengths = batch["attention_mask"].sum(dim=1).tolist()
             outputs.extend(row[:length] for row, length in zip(logits, lengths))

@@ -10,37 +10,35 @@ the tokenizer, and tensorboard/.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
 import torch
 
 from earlybert_pretrain.common.files import atomic_write_json
+from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.finetune.config import FinetuneConfig, resolve_heads_to_prune, resolve_schedule
 from earlybert_pretrain.finetune.data import TaskData, load_task_data
 from earlybert_pretrain.finetune.features import encode_classification, load_tokenizer
-from earlybert_pretrain.finetune.loop import (
-    linear_schedule,
-    make_optimizer,
-    model_inputs,
-    predict,
-    score,
-    timed_step,
-    train_batches,
-)
+from earlybert_pretrain.finetune.loop import TrainBatches, model_inputs, predict, score, train_batches
 from earlybert_pretrain.finetune.models import build_task_model
-from earlybert_pretrain.finetune.runtime import Runtime
-from earlybert_pretrain.finetune.search import SearchResult, run_search
 from earlybert_pretrain.finetune.squad import SquadSettings, build_features
 from earlybert_pretrain.finetune.tasks import TaskSpec, get_task
 from earlybert_pretrain.model.hf import copy_tokenizer_files
 from earlybert_pretrain.tickets.draw import random_ticket
 from earlybert_pretrain.tickets.prune import prune
+from earlybert_pretrain.tickets.search import SearchOutcome, SlimmingSearch
 from earlybert_pretrain.tickets.ticket import Ticket
-from earlybert_pretrain.train.telemetry import StepTimer, TensorBoardLogger
+from earlybert_pretrain.train.distributed import barrier
+from earlybert_pretrain.train.engine import init_distributed, resolve_precision
+from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageHook, StageResult, StageSettings
+from earlybert_pretrain.train.telemetry import TensorBoardLogger
 
 logger = logging.getLogger(__name__)
 
@@ -64,22 +62,6 @@ def _check_vocab(tokenizer, model_vocab_size: int, folder: str) -> None:
                          f"{model_vocab_size}; the tokenizer files do not belong to this model")
 
 
-def _draw_or_load_ticket(config: FinetuneConfig, task: TaskSpec, model, train_features, lr: float, runtime: Runtime,
-                         tensorboard: TensorBoardLogger, pad_id: int) -> tuple[Ticket | None, SearchResult | None]:
-    heads_to_prune = resolve_heads_to_prune(config, model.config)
-    if config.mode == "earlybert":
-        search = run_search(model, task, train_features, config.search, heads_to_prune, config.search.lr or lr,
-                            config.batch_size, config.seed, config.weight_decay, config.adam_eps, config.grad_clip,
-                            runtime, tensorboard, pad_id)
-        return search.ticket, search
-    if config.mode == "random":
-        return random_ticket(model.config, heads_to_prune, config.search.ffn_ratio, config.search.ffn_scope,
-                             seed=config.seed, ffn_multiple_of=config.search.ffn_multiple_of), None
-    if config.mode == "ticket":
-        return Ticket.load(config.ticket), None
-    return None, None
-
-
 def _save_model(model, folder: Path, tokenizer_source: str) -> None:
     model.save_pretrained(folder)
     copy_tokenizer_files(tokenizer_source, folder)
@@ -100,11 +82,11 @@ def _read_dense_time(path: str, task: TaskSpec) -> dict | None:
     return {**dense_time, "path": path}
 
 
-def _time_report(search: SearchResult | None, finetune_timer: StepTimer, dense_time: dict | None) -> dict:
+def _time_report(search: StageResult | None, finetune: StageResult, dense_time: dict | None) -> dict:
     """The paper's protocol (Sec. 4.1): summed per-step times without data I/O, the search included."""
-    stages = {"finetune": finetune_timer.summary()}
+    stages = {"finetune": finetune.timing}
     if search is not None:
-        stages["search"] = search.timer.summary()
+        stages["search"] = search.timing
     total = sum(stage["total_seconds"] for stage in stages.values())
     steps = sum(stage["steps"] for stage in stages.values())
     report = {**stages, "total_seconds": total, "total_steps": steps,
@@ -113,7 +95,8 @@ def _time_report(search: SearchResult | None, finetune_timer: StepTimer, dense_t
         ratio = total / dense_time["total_seconds"]
         report["vs_dense"] = {
             "dense_metrics": dense_time["path"], "total_time_ratio": ratio, "time_saved": 1.0 - ratio,
-            "finetune_step_time_ratio": finetune_timer.mean_step_seconds / dense_time["finetune"]["mean_step_seconds"],
+            "finetune_step_time_ratio": finetune.timing["mean_step_seconds"] / dense_time["finetune"][
+                "mean_step_seconds"],
         }
     return report
 
@@ -137,57 +120,98 @@ def _prepare_data(config: FinetuneConfig, task: TaskSpec, tokenizer,
     return data, train_features, eval_sets
 
 
-@dataclasses.dataclass
-class FinetuneResult:
-    history: list[dict]  # per evaluated epoch: epoch, step, scores
-    best: dict  # the best epoch's entry (by the task's primary metric on its first eval split)
-    timer: StepTimer
-    total_steps: int
-    steps_per_epoch: int
-    losses: list[float]  # per step
+def _stage_settings(config: FinetuneConfig, name: str, lr: float, schedule: Schedule,
+                    runtime: Runtime) -> StageSettings:
+    """A fine-tuning stage on the backend: AdamW (Sec. 4.1) without decay on biases, LayerNorm and coefficients."""
+    optimizer = OptimizerConfig(name="adamw", eps=config.adam_eps, weight_decay=config.weight_decay,
+                                grad_clip=config.grad_clip)
+    return StageSettings(name=name, seed=config.seed, global_batch_size=config.batch_size,
+                         micro_batch_size=config.batch_size // runtime.world_size, optimizer=optimizer, lr=lr,
+                         schedule=schedule, grad_clip=config.grad_clip, checkpoint_dir=None,
+                         log_every=config.log_every)
 
 
-def _finetune(model, task: TaskSpec, config: FinetuneConfig, train_features: datasets.Dataset,
-              eval_sets: dict[str, EvalSet], epochs: float, lr: float, runtime: Runtime,
-              tensorboard: TensorBoardLogger, squad: SquadSettings, pad_id: int) -> FinetuneResult:
-    """Train for ``epochs`` with linear warmup / decay, evaluate after each epoch, keep the best in ``best/``."""
-    output = Path(config.output_dir)
-    wrapped = runtime.wrap(model)
-    batches = train_batches(train_features, config.batch_size, runtime, config.seed, pad_id)
-    total_steps = max(1, round(epochs * batches.steps_per_epoch))
-    optimizer = make_optimizer(wrapped, lr, config.weight_decay, config.adam_eps)
-    scheduler = linear_schedule(optimizer, total_steps, config.warmup)
-    timer = StepTimer(runtime.device)
-    history, best, step_losses = [], None, []
-    step, epoch = 0, 0
-    wrapped.train()
-    while step < total_steps:
-        for batch in batches.epoch(epoch):
-            inputs = model_inputs(batch, task, runtime.device)
-            losses = timed_step(wrapped, inputs, optimizer, scheduler, runtime, timer, config.grad_clip)
-            step += 1
-            step_losses.append(losses["loss"])
-            if step % config.log_every == 0:
-                tensorboard.scalars({**losses, "lr": scheduler.get_last_lr()[0]}, step, prefix="train/")
-            if step >= total_steps:
-                break
-        epoch += 1
-        if not config.eval_each_epoch and step < total_steps:
-            continue
-        scores = {split: score(task, split_set.examples, split_set.features,
-                               predict(wrapped, split_set.features, task, runtime, config.eval_batch_size, pad_id),
-                               squad)
-                  for split, split_set in eval_sets.items()}
-        history.append({"epoch": epoch, "step": step, "scores": scores})
+def _open_batches(batches: TrainBatches, task: TaskSpec, device: torch.device):
+    """``open(n)``: model-ready micro-batches from this rank's ``n``-th on, epoch after epoch (the stage's batches)."""
+
+    def open_batches(micro_batches_done: int) -> Iterator[dict]:
+        epoch, skip = divmod(micro_batches_done, batches.steps_per_epoch)
+        while True:
+            for index, batch in enumerate(batches.epoch(epoch)):
+                if index >= skip:
+                    yield model_inputs(batch, task, device)
+            epoch, skip = epoch + 1, 0
+
+    return open_batches
+
+
+class EpochEvaluation(StageHook):
+    """Score the eval splits after each epoch (and at the last step); keep the best epoch's model in ``best/``."""
+
+    def __init__(self, task: TaskSpec, config: FinetuneConfig, eval_sets: dict[str, EvalSet], squad: SquadSettings,
+                 runtime: Runtime, tensorboard: TensorBoardLogger, steps_per_epoch: int, total_steps: int,
+                 pad_id: int, best_folder: Path):
+        self.task, self.config, self.eval_sets, self.squad = task, config, eval_sets, squad
+        self.runtime, self.tensorboard, self.pad_id, self.best_folder = runtime, tensorboard, pad_id, best_folder
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.history: list[dict] = []
+        self.best: dict | None = None
+
+    def after_step(self, stage: Stage, step: int) -> bool:
+        end_of_epoch = step % self.steps_per_epoch == 0 or step == self.total_steps
+        if not end_of_epoch or not (self.config.eval_each_epoch or step == self.total_steps):
+            return False
+        epoch = math.ceil(step / self.steps_per_epoch)
+        scores = {split: score(self.task, split_set.examples, split_set.features,
+                               predict(stage.module, split_set.features, self.task, self.runtime.device,
+                                       self.config.eval_batch_size, self.pad_id), self.squad)
+                  for split, split_set in self.eval_sets.items()}
+        self.history.append({"epoch": epoch, "step": step, "scores": scores})
         for split, values in scores.items():
-            tensorboard.scalars(values, step, prefix=f"eval/{split}/")
-        primary = scores[task.eval_splits[0]][task.primary_metric]
-        if best is None or primary > best["primary"]:
-            best = {"epoch": epoch, "step": step, "primary": primary, "scores": scores}
-            if runtime.is_main:
-                _save_model(model, output / "best", config.model_dir)
-        logger.info("epoch %d (step %d/%d): %s", epoch, step, total_steps, scores)
-    return FinetuneResult(history, best, timer, total_steps, batches.steps_per_epoch, step_losses)
+            self.tensorboard.scalars(values, step, prefix=f"eval/{split}/")
+        primary = scores[self.task.eval_splits[0]][self.task.primary_metric]
+        if self.best is None or primary > self.best["primary"]:
+            self.best = {"epoch": epoch, "step": step, "primary": primary, "scores": scores}
+            if self.runtime.is_main:
+                _save_model(stage.module, self.best_folder, self.config.model_dir)
+        logger.info("epoch %d (step %d/%d): %s", epoch, step, self.total_steps, scores)
+        return False
+
+
+def _search(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches, lr: float, runtime: Runtime,
+            tensorboard: TensorBoardLogger) -> tuple[SearchOutcome, StageResult]:
+    """EarlyBERT's search for fine-tuning (Sec. 3.2, 4.2) on a copy of the pre-trained model with slimming
+    coefficients, at the dense learning rate held constant; the copy is thrown away after the draw."""
+    settings = config.search
+    planned = settings.steps if settings.steps else max(1, math.ceil(settings.epochs * batches.steps_per_epoch))
+    warnings = []
+    if planned < settings.warn_below_steps and settings.stop == "fixed":
+        warnings.append(
+            f"the search is only {planned} steps (an epoch is {batches.steps_per_epoch} steps); coefficient "
+            f"rankings may not have settled below ~{settings.warn_below_steps} steps: set search.steps or "
+            "search.stop=early-bird")
+        logger.warning(warnings[-1])
+    searched = copy.deepcopy(model)
+    searched.add_slimming_coefficients()
+    search = SlimmingSearch(settings, resolve_heads_to_prune(config, model.config), planned, searched.config,
+                            tensorboard)
+    stage_settings = _stage_settings(config, "search", settings.lr or lr, Schedule(planned, kind=None), runtime)
+    with Stage.build(searched, stage_settings, runtime, tensorboard) as stage:
+        result = stage.run(_open_batches(batches, task, runtime.device), planned, [search])
+    outcome = search.finish(result.steps)
+    outcome.warnings[:0] = warnings
+    return outcome, result
+
+
+def _ticket(config: FinetuneConfig, model, search: SearchOutcome | None) -> Ticket | None:
+    if search is not None:
+        return search.ticket
+    if config.mode == "random":
+        return random_ticket(model.config, resolve_heads_to_prune(config, model.config), config.search.ffn_ratio,
+                             config.search.ffn_scope, seed=config.seed, ffn_multiple_of=config.search.ffn_multiple_of)
+    if config.mode == "ticket":
+        return Ticket.load(config.ticket)
+    return None
 
 
 def run(config: FinetuneConfig) -> dict:
@@ -195,7 +219,8 @@ def run(config: FinetuneConfig) -> dict:
     config.validate()
     task = get_task(config.task)
     dense_time = _read_dense_time(config.dense_metrics, task)
-    runtime = Runtime.from_env(config.precision)
+    rank, world_size, device = init_distributed()
+    runtime = Runtime(rank, world_size, device, resolve_precision(config.precision, device))
     torch.manual_seed(config.seed)
     output = Path(config.output_dir)
     tokenizer = load_tokenizer(config.model_dir)
@@ -208,8 +233,12 @@ def run(config: FinetuneConfig) -> dict:
     tensorboard = TensorBoardLogger(output / "tensorboard", enabled=runtime.is_main)
     dense_epochs, dense_lr = resolve_schedule(dataclasses.replace(config, mode="dense"), task)
     epochs, lr = resolve_schedule(config, task)
+    batches = train_batches(train_features, config.batch_size, rank, world_size, config.seed, pad_id)
 
-    ticket, search = _draw_or_load_ticket(config, task, model, train_features, dense_lr, runtime, tensorboard, pad_id)
+    search, search_result = (None, None)
+    if config.mode == "earlybert":
+        search, search_result = _search(config, task, model, batches, dense_lr, runtime, tensorboard)
+    ticket = _ticket(config, model, search)
     if ticket is not None:
         model = prune(model, ticket)  # the pre-trained weights: EarlyBERT rewinds to them (Sec. 4.2)
         if runtime.is_main:
@@ -218,17 +247,27 @@ def run(config: FinetuneConfig) -> dict:
                 search.history.save(output / "search" / "mask_history.json")
                 search.history.save_heatmap(output / "search" / "mask_heatmap.png")
                 tensorboard.image("search/mask_distance", search.history.heatmap_image(), search.steps)
-    result = _finetune(model, task, config, train_features, eval_sets, epochs, lr, runtime, tensorboard, squad, pad_id)
 
+    total_steps = max(1, round(epochs * batches.steps_per_epoch))
+    evaluation = EpochEvaluation(task, config, eval_sets, squad, runtime, tensorboard, batches.steps_per_epoch,
+                                 total_steps, pad_id, output / "best")
+    settings = _stage_settings(config, "finetune", lr, Schedule(total_steps, config.warmup, "warmup_linear"),
+                               runtime)
+    with Stage.build(model, settings, runtime, tensorboard) as stage:
+        result = stage.run(_open_batches(batches, task, device), total_steps, [evaluation])
+        if runtime.is_main:
+            _save_model(stage.module, output / "model", config.model_dir)
+
+    best, history = evaluation.best, evaluation.history
     metrics = {
         "task": task.name, "mode": config.mode, "model": config.model_dir, "seed": config.seed,
-        "primary_metric": task.primary_metric, "best_epoch": result.best["epoch"], "scores": result.best["scores"],
-        "epochs": result.history, "final_scores": result.history[-1]["scores"],
-        "schedule": {"epochs": epochs, "lr": lr, "steps": result.total_steps,
-                     "steps_per_epoch": result.steps_per_epoch, "batch_size": config.batch_size,
+        "primary_metric": task.primary_metric, "best_epoch": best["epoch"], "scores": best["scores"],
+        "epochs": history, "final_scores": history[-1]["scores"],
+        "schedule": {"epochs": epochs, "lr": lr, "steps": total_steps,
+                     "steps_per_epoch": batches.steps_per_epoch, "batch_size": config.batch_size,
                      "dense_epochs": dense_epochs, "dense_lr": dense_lr},
-        "time": _time_report(search, result.timer, dense_time),
-        "losses": {"finetune": result.losses, **({"search": search.losses} if search is not None else {})},
+        "time": _time_report(search_result, result, dense_time),
+        "losses": {"finetune": result.losses, **({"search": search_result.losses} if search_result else {})},
         "model_geometry": {"heads_per_layer": model.config.heads_per_layer,
                            "ffn_per_layer": model.config.ffn_per_layer, "parameters": model.num_parameters()},
         "ticket": None if ticket is None else {"digest": ticket.digest(), "path": str(output / "ticket.json")},
@@ -238,8 +277,7 @@ def run(config: FinetuneConfig) -> dict:
         "world_size": runtime.world_size, "config": dataclasses.asdict(config),
     }
     if runtime.is_main:
-        _save_model(model, output / "model", config.model_dir)
         atomic_write_json(output / "metrics.json", metrics)
     tensorboard.close()
-    runtime.barrier()
+    barrier()
     return metrics

@@ -1,59 +1,41 @@
 """EarlyBERT pre-training: search -> draw -> re-initialise -> phase 1 -> phase 2 (paper Sec. 3.2, 4.1, 4.3).
 
-    python -m earlybert_pretrain.pretrain --config configs/pretrain_bert_base.yaml [key=value ...]
-        [--resume] [--overwrite] [--compare-to DENSE_RUN_DIR]
-
 Modes: ``earlybert`` (all stages), ``dense`` (plain BERT, 100% of the steps), ``random`` (a random ticket, same counts
-as a drawn one), ``ticket`` (train ``ticket: path``; no search). Every stage resumes from its last complete
-checkpoint; finished stages leave files (``theta0/``, ``ticket.json``, ``phase1_model/``) the next stage starts from.
-
-Output folder: ``run.json`` (the config), ``progress.json`` (finished stages), ``timing.json`` (per-stage step time
-without data I/O, Sec. 4.1's protocol), ``checkpoints/``, ``tensorboard/``, ``search/`` (mask history, Figure-1
-heatmap), ``ticket.json`` + ``ticket_report.json``, ``final_model/`` (HF format + vocab.txt + ticket.json) and
-``report.json`` / ``report.txt``.
+as a drawn one), ``ticket`` (train ``ticket: path``; no search). Every stage runs on the one training backend
+(``train.stage.Stage``) and resumes from its last complete checkpoint; finished stages leave the files the next stage
+starts from (``theta0/``, ``ticket.json``, ``phase1_model/``; see ``layout.py`` for the whole folder).
 """
 
 from __future__ import annotations
 
-import gc
-import hashlib
 import json
 import logging
-import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from earlybert_pretrain.common.files import atomic_write_json
 from earlybert_pretrain.config import PhaseConfig, PretrainConfig, config_to_dict
+from earlybert_pretrain.errors import ConfigError, RunError
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.model.hf import copy_tokenizer_files, load_pretrained, save_pretrained
 from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus, check_vocab
-from earlybert_pretrain.pretrain.report import STAGES
-from earlybert_pretrain.tickets.distance import EarlyBirdDetector
-from earlybert_pretrain.tickets.draw import draw_ticket, gather_coefficients, l1_penalty, random_ticket
-from earlybert_pretrain.tickets.history import MaskHistory
+from earlybert_pretrain.pretrain.layout import RunLayout
+from earlybert_pretrain.pretrain.report import STAGES, render_run_report, write_run_report
+from earlybert_pretrain.tickets.draw import random_ticket
 from earlybert_pretrain.tickets.prune import prune
 from earlybert_pretrain.tickets.report import render_report, ticket_report
+from earlybert_pretrain.tickets.search import SlimmingSearch
 from earlybert_pretrain.tickets.ticket import Ticket
-from earlybert_pretrain.train.checkpoint import (
-    capture_rng_state,
-    checkpoint_tag,
-    load_latest_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
 from earlybert_pretrain.train.distributed import barrier, from_every_rank
-from earlybert_pretrain.train.engine import EngineConfigError, build_engine, deepspeed_config, describe_runtime
-from earlybert_pretrain.train.optim import build_optimizer
-from earlybert_pretrain.train.schedules import build_scheduler
-from earlybert_pretrain.train.telemetry import StepTimer, TensorBoardLogger
+from earlybert_pretrain.train.engine import deepspeed_config, init_distributed, resolve_precision
+from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageHook, StageSettings
+from earlybert_pretrain.train.telemetry import TensorBoardLogger
 
 logger = logging.getLogger(__name__)
 
@@ -62,43 +44,27 @@ MODES = ("earlybert", "dense", "random", "ticket")
 PRESETS = {"paper": 0.9, "nvidia": 7038 / 8601}
 
 
-class RunError(ValueError):
-    """A run the user must fix (output folder, mode, lengths); the message says what and how."""
-
-
 @dataclass
 class Run:
     cfg: PretrainConfig
-    out: Path
-    rank: int
-    world_size: int
-    device: torch.device
-    precision: str
+    layout: RunLayout
+    runtime: Runtime
     tensorboard: TensorBoardLogger
-    progress: dict
+    progress: dict  # stage name -> its record (StageResult.to_dict() plus stage extras), as in progress.json
     corpus: ShardedCorpus
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.runtime.is_main
 
-    def finish_stage(self, stage: str, result: dict) -> None:
+    def finish_stage(self, stage: str, record: dict) -> None:
         """Record a finished stage (rank 0 writes, every rank waits): the resume point for later runs."""
-        self.progress[stage] = result
+        self.progress[stage] = record
         if self.is_main:
-            atomic_write_json(self.out / "progress.json", self.progress)
-            atomic_write_json(self.out / "timing.json", {name: entry.get("timing", {})
-                                                          for name, entry in self.progress.items()})
+            atomic_write_json(self.layout.progress, self.progress)
+            atomic_write_json(self.layout.timing, {name: entry.get("timing", {})
+                                                   for name, entry in self.progress.items()})
         barrier()
-
-
-def parameter_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter's bytes: equal on all data-parallel ranks, or the replicas diverged."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def phase_steps(cfg: PretrainConfig, dense: bool) -> dict[str, int]:
@@ -128,7 +94,7 @@ def validate(cfg: PretrainConfig, world_size: int) -> None:
         try:
             deepspeed_config(phase.global_batch_size, phase.micro_batch_size, world_size, "fp32",
                              cfg.optimizer.grad_clip, cfg.engine.zero_stage, cfg.optimizer.name)
-        except EngineConfigError as err:
+        except ConfigError as err:
             raise RunError(f"{name}: {err}") from None
     check_vocab(cfg.data.shard_dir, cfg.model.vocab_size)
 
@@ -144,16 +110,16 @@ def flatten(values: dict, prefix: str = "") -> dict:
     return flat
 
 
-def prepare_output(cfg: PretrainConfig, out: Path, resume: bool, overwrite: bool, is_main: bool) -> dict:
+def prepare_output(cfg: PretrainConfig, layout: RunLayout, resume: bool, overwrite: bool, is_main: bool) -> dict:
     """Refuse a folder holding another run unless --resume (same config) or --overwrite; returns the progress."""
-    run_file, config = out / "run.json", config_to_dict(cfg)
-    holds_run, holds_files = run_file.is_file(), out.is_dir() and any(out.iterdir())
+    out, config = layout.root, config_to_dict(cfg)
+    holds_run, holds_files = layout.run_file.is_file(), out.is_dir() and any(out.iterdir())
     barrier()  # every rank has looked before rank 0 may delete anything
     if overwrite and holds_files:
         if is_main:
             shutil.rmtree(out)
     elif holds_run and resume:
-        previous = flatten(json.loads(run_file.read_text())["config"])
+        previous = flatten(json.loads(layout.run_file.read_text())["config"])
         current = flatten(config)
         changed = sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
         if changed:
@@ -164,16 +130,9 @@ def prepare_output(cfg: PretrainConfig, out: Path, resume: bool, overwrite: bool
     elif holds_files:
         raise RunError(f"{out} holds files that are not a pre-training run; pass --overwrite to replace them")
     if is_main:
-        atomic_write_json(run_file, {"config": config, "argv": sys.argv})
+        atomic_write_json(layout.run_file, {"config": config, "argv": sys.argv})
     barrier()
-    progress_file = out / "progress.json"
-    return json.loads(progress_file.read_text()) if progress_file.is_file() else {}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    return json.loads(layout.progress.read_text()) if layout.progress.is_file() else {}
 
 
 def initial_model(cfg: PretrainConfig, slimming: bool) -> BertForPreTraining:
@@ -182,187 +141,72 @@ def initial_model(cfg: PretrainConfig, slimming: bool) -> BertForPreTraining:
     return BertForPreTraining(BertConfig.from_dict({**cfg.model.to_dict(), "slimming": slimming}))
 
 
-class SearchMonitor:
-    """Search-stage bookkeeping: the L1 term, a ticket every ``record_every`` steps, the early-bird detector."""
-
-    def __init__(self, run: Run):
-        self.run, self.search = run, run.cfg.search
-        self.history = MaskHistory()
-        self.detector = EarlyBirdDetector(self.search.early_bird_window, self.search.early_bird_eps)
-
-    def penalty(self, model: BertForPreTraining) -> torch.Tensor:
-        return l1_penalty(model, self.search.lam, self.search.lam_ffn)
-
-    def draw(self, engine, step: int) -> Ticket:
-        """Gather the coefficients (under any ZeRO sharding), check every rank holds the same, draw a ticket."""
-        import deepspeed
-
-        params = [c for _, _, c in engine.module.slimming_coefficients()]
-        with deepspeed.zero.GatheredParameters(params):
-            coefficients = gather_coefficients(engine.module)
-        flat = torch.cat(coefficients["head"] + coefficients["ffn"]).to(self.run.device)
-        if self.run.world_size > 1:
-            everyone = [torch.empty_like(flat) for _ in range(self.run.world_size)]
-            dist.all_gather(everyone, flat)
-            if any(not torch.equal(other, flat) for other in everyone):
-                raise RuntimeError("data-parallel ranks disagree on the slimming coefficients; the replicas diverged")
-        return draw_ticket(coefficients, self.search.heads_to_prune, self.search.ffn_ratio, self.search.ffn_scope,
-                           config=engine.module.config, step=step, lam_heads=self.search.lam,
-                           lam_ffn=self.search.lam_ffn, ffn_multiple_of=self.search.ffn_multiple_of)
-
-    def record(self, engine, step: int) -> bool:
-        """Record a ticket at ``step``; True when the search should stop here (early-bird mode, detector fired)."""
-        ticket = self.draw(engine, step)
-        self.history.add(step, ticket)
-        converged = self.detector.update(ticket)
-        if self.detector.distances:
-            self.run.tensorboard.scalars(self.detector.distances[-1], step, prefix="search/mask_distance_")
-        for kind, layer, coefficients in engine.module.slimming_coefficients():
-            self.run.tensorboard.histogram(f"search/{kind}_coefficients/layer{layer}", coefficients, step)
-        return converged and self.search.stop == "early-bird"
-
-    def state_dict(self) -> dict:
-        return self.history.to_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.history = MaskHistory.from_dict(state)
-        for ticket in self.history.tickets:  # replay: the detector's state is a function of the recorded masks
-            self.detector.update(ticket)
+def stage_settings(run: Run, stage: str, phase: PhaseConfig, schedule_steps: int) -> StageSettings:
+    """A pre-training stage on the backend: LAMB, the phase's batch and lr, NVIDIA's poly-warmup schedule."""
+    cfg = run.cfg
+    return StageSettings(
+        name=stage, seed=cfg.seed + STAGES.index(stage), global_batch_size=phase.global_batch_size,
+        micro_batch_size=phase.micro_batch_size, optimizer=cfg.optimizer, lr=phase.lr,
+        schedule=Schedule(schedule_steps, phase.warmup, "warmup_poly", cfg.optimizer.decay_power),
+        grad_clip=cfg.optimizer.grad_clip, zero_stage=cfg.engine.zero_stage, compile=cfg.engine.compile,
+        checkpoint_dir=run.layout.checkpoints, checkpoint_every=cfg.engine.checkpoint_every,
+        keep_checkpoints=cfg.engine.keep_checkpoints, log_every=cfg.engine.log_every)
 
 
 def train_stage(run: Run, stage: str, model: BertForPreTraining, phase: PhaseConfig, schedule_steps: int,
-                steps: int, monitor: SearchMonitor | None = None):
-    """Train ``steps`` optimizer steps (fewer if the search stops early) and return (engine, result)."""
-    cfg = run.cfg
-    free_memory()
-    # Each stage's randomness (dropout) starts from its own seed, so a stage run after a restart is the same run.
-    seed_everything(cfg.seed + STAGES.index(stage))
-    model.to(run.device)  # before the optimizer: the fused-kernel choice looks at where the parameters live
-    optimizer, kernel = build_optimizer(model, cfg.optimizer, phase.lr)
-    scheduler = build_scheduler(optimizer, schedule_steps, phase.warmup, cfg.optimizer.decay_power)
-    if cfg.engine.compile:
-        model.bert.encoder.compile()
-    engine = build_engine(model, optimizer, scheduler, deepspeed_config(
-        phase.global_batch_size, phase.micro_batch_size, run.world_size, run.precision, cfg.optimizer.grad_clip,
-        cfg.engine.zero_stage, cfg.optimizer.name))
-    runtime = describe_runtime(engine, kernel)
-    logger.info("%s: %s", stage, json.dumps(runtime))
-    timer, step, losses, samples, stopped_early = StepTimer(run.device), 0, [], 0, False
-    client = load_latest_checkpoint(engine, run.out / "checkpoints", stage)
-    if client is not None:
-        step, losses, samples = client["step"], client["losses"], client["samples_consumed"]
-        timer.load_state_dict(client["timer"])
-        restore_rng_state(client["rng"])
-        if monitor is not None:
-            monitor.load_state_dict(client["search"])
-        logger.info("%s: resumed at step %d of %d", stage, step, steps)
-    data = cfg.data
-    stream = PretrainingBatches(
-        run.corpus, phase.seq_len, phase.max_predictions, phase.micro_batch_size, run.rank, run.world_size,
-        seed=data.seed, masked_lm_prob=data.masked_lm_prob, short_seq_prob=data.short_seq_prob,
-        whole_word_masking=data.whole_word_masking, start_sample=samples)
-    batches = iter(stream)
-    first_samples = from_every_rank(stream.batch_indices(samples))
-    accumulation, tokens_per_step = engine.gradient_accumulation_steps(), phase.global_batch_size * phase.seq_len
-    while step < steps and not stopped_early:
-        micro_batches = [{k: v.to(run.device) for k, v in next(batches).items()} for _ in range(accumulation)]
-        terms, lr = [], engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside it)
-        with timer.step(tokens=tokens_per_step):  # data fetching above stays outside the timed step (Sec. 4.1)
-            for batch in micro_batches:
-                output = engine(**batch)
-                l1 = monitor.penalty(engine.module) if monitor is not None else torch.zeros((), device=run.device)
-                engine.backward(output.loss + l1)
-                engine.step()
-                terms.append(torch.stack([output.loss + l1, output.mlm_loss, output.nsp_loss, l1]).detach().float())
-        step += 1
-        loss, mlm, nsp, l1_value = (torch.stack(terms).mean(0)).tolist()
-        losses.append(loss)
-        if monitor is not None and (step % cfg.search.record_every == 0 or step == steps):
-            stopped_early = monitor.record(engine, step)
-        log_step(run, stage, engine, step, steps, timer, {"loss": loss, "mlm_loss": mlm, "nsp_loss": nsp, "lr": lr,
-                                                          "l1": l1_value if monitor is not None else None})
-        if step % cfg.engine.checkpoint_every == 0 and step < steps and not stopped_early:
-            ticket_file = run.out / "ticket.json"
-            client = {"stage": stage, "step": step, "losses": losses, "samples_consumed": stream.samples_consumed,
-                      "ticket": str(ticket_file) if ticket_file.is_file() else None,
-                      "timer": timer.state_dict(), "rng": capture_rng_state(),
-                      "search": monitor.state_dict() if monitor is not None else None}
-            save_checkpoint(engine, run.out / "checkpoints", checkpoint_tag(stage, step), client,
-                            cfg.engine.keep_checkpoints)
-    if stopped_early:
-        logger.info("%s: early-bird ticket found at step %d; search stopped", stage, step)
-    digests = from_every_rank(parameter_digest(engine.module))
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"{stage}: data-parallel ranks hold different parameters (digests {digests})")
-    result = {"steps": step, "planned_steps": steps, "stopped_early": stopped_early, "losses": losses,
-              "samples": stream.samples_consumed, "first_samples_by_rank": first_samples,
-              "parameter_digests_by_rank": digests, "timing": {**timer.summary(), "runtime": runtime}}
-    return engine, result
+                steps: int, hooks: list[StageHook] = (), save_to: Path | None = None) -> dict:
+    """Train one stage on the backend (resuming from its checkpoint) and return its progress record; the weights
+    go to ``save_to`` (fp32, HF format) before the engine is released."""
+    data, first_samples = run.cfg.data, {}
 
+    def open_batches(micro_batches_done: int) -> Iterator[dict]:
+        stream = PretrainingBatches(
+            run.corpus, phase.seq_len, phase.max_predictions, phase.micro_batch_size, run.runtime.rank,
+            run.runtime.world_size, seed=data.seed, masked_lm_prob=data.masked_lm_prob,
+            short_seq_prob=data.short_seq_prob, whole_word_masking=data.whole_word_masking,
+            start_sample=micro_batches_done * phase.micro_batch_size * run.runtime.world_size)
+        first_samples["by_rank"] = from_every_rank(stream.batch_indices(stream.samples_consumed))
+        return iter(stream)
 
-def log_step(run: Run, stage: str, engine, step: int, steps: int, timer: StepTimer, losses: dict) -> None:
-    sequences = engine.train_batch_size()
-    values = {**losses, "grad_norm": engine.get_global_grad_norm(),
-              "loss_scale": engine.optimizer.loss_scale if engine.fp16_enabled() else None,
-              "sequences_per_second": sequences / timer.last_seconds,
-              "tokens_per_second": timer.tokens / timer.total_seconds}
-    run.tensorboard.scalars(values, step, prefix=f"{stage}/")
-    if run.is_main and (step % run.cfg.engine.log_every == 0 or step == steps):
-        eta = timer.mean_step_seconds * (steps - step)
-        logger.info("%s step %d/%d  loss %.4f  mlm %.4f  nsp %.4f  lr %.3g  %.1f seq/s  ETA %dm%02ds", stage, step,
-                    steps, losses["loss"], losses["mlm_loss"], losses["nsp_loss"], values["lr"],
-                    values["sequences_per_second"], eta // 60, eta % 60)
-
-
-def release(engine) -> None:
-    """Tear an engine down before the next one; the process group stays (DeepSpeed keeps a handle to it)."""
-    engine.destroy()
-
-
-def free_memory() -> None:
-    """Collect released engines (DeepSpeed's hooks make reference cycles) before the next one is built."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    with Stage.build(model, stage_settings(run, stage, phase, schedule_steps), run.runtime,
+                     run.tensorboard) as built:
+        built.resume(hooks)
+        result = built.run(open_batches, steps, hooks)
+        if save_to is not None and run.is_main:
+            save_pretrained(built.module, save_to)
+    return {**result.to_dict(), "samples": result.steps * phase.global_batch_size,
+            "first_samples_by_rank": first_samples["by_rank"]}
 
 
 def run_search(run: Run, dense_steps: dict[str, int]) -> Ticket:
     """Search (phase-1 settings, loss + λ‖c‖₁) and draw: the ticket every rank agrees on, saved as ticket.json."""
-    cfg, out = run.cfg, run.out
+    cfg, layout = run.cfg, run.layout
     if "draw" in run.progress:
-        return Ticket.load(out / "ticket.json")
+        return Ticket.load(layout.ticket)
     model = initial_model(cfg, slimming=True)
-    if run.is_main and not (out / "theta0").is_dir():
-        save_pretrained(model, out / "theta0")  # θ0, before any step: re-initialisation rewinds to it
+    if run.is_main and not layout.theta0.is_dir():
+        save_pretrained(model, layout.theta0)  # θ0, before any step: re-initialisation rewinds to it
     barrier()
-    monitor = SearchMonitor(run)
     search_steps = min(cfg.search.steps, dense_steps["phase1"])
-    engine, result = train_stage(run, "search", model, cfg.phase1, dense_steps["phase1"], search_steps, monitor)
+    search = SlimmingSearch(cfg.search, cfg.search.heads_to_prune, search_steps, model.config, run.tensorboard)
+    record = train_stage(run, "search", model, cfg.phase1, dense_steps["phase1"], search_steps, [search])
     started = time.perf_counter()
-    ticket = monitor.history.tickets[-1]  # drawn at the search's last step from the coefficients every rank holds
-    payload = [ticket.to_dict() if run.is_main else None]
-    if run.world_size > 1:
-        dist.broadcast_object_list(payload, src=0)
-    broadcast = Ticket.from_dict(payload[0], where="ticket broadcast from rank 0")
-    digests = from_every_rank(ticket.digest())
-    if set(digests) != {broadcast.digest()}:
-        raise RuntimeError(f"ranks drew different tickets (digests {digests}); rank 0 drew {broadcast.digest()}")
+    outcome = search.finish(record["steps"])
     if run.is_main:
-        broadcast.save(out / "ticket.json")
+        outcome.ticket.save(layout.ticket)
     draw_seconds = time.perf_counter() - started
     if run.is_main:
-        report = ticket_report(broadcast, cfg.model)
-        logger.info("ticket drawn at search step %d\n%s", result["steps"], render_report(report))
-        monitor.history.save(out / "search" / "mask_history.json")
-        monitor.history.save_heatmap(out / "search" / "heatmap.png")
-        run.tensorboard.image("search/mask_distance_heatmap", monitor.history.heatmap_image(), result["steps"])
-        atomic_write_json(out / "ticket_report.json", report)
-    release(engine)
-    result["early_bird_update"] = monitor.detector.fired_at_update
-    run.finish_stage("search", result)
-    run.finish_stage("draw", {"digest": broadcast.digest(), "digests_by_rank": digests,
+        report = ticket_report(outcome.ticket, cfg.model)
+        logger.info("ticket drawn at search step %d\n%s", record["steps"], render_report(report))
+        outcome.history.save(layout.mask_history)
+        outcome.history.save_heatmap(layout.heatmap)
+        run.tensorboard.image("search/mask_distance_heatmap", outcome.history.heatmap_image(), record["steps"])
+        atomic_write_json(layout.ticket_report, report)
+    record["early_bird_update"] = outcome.early_bird_update
+    run.finish_stage("search", record)
+    run.finish_stage("draw", {"digest": outcome.ticket.digest(), "digests_by_rank": outcome.digests_by_rank,
                               "timing": {"total_seconds": draw_seconds}})
-    return broadcast
+    return outcome.ticket
 
 
 def phase1_model(run: Run, ticket: Ticket | None) -> BertForPreTraining:
@@ -370,8 +214,7 @@ def phase1_model(run: Run, ticket: Ticket | None) -> BertForPreTraining:
     cfg = run.cfg
     if ticket is None:
         return initial_model(cfg, slimming=False)
-    theta0_folder = run.out / "theta0"
-    theta0 = (load_pretrained(BertForPreTraining, theta0_folder) if theta0_folder.is_dir()
+    theta0 = (load_pretrained(BertForPreTraining, run.layout.theta0) if run.layout.theta0.is_dir()
               else initial_model(cfg, slimming=False))
     pruned = prune(theta0, ticket)
     if cfg.reinit == "random":
@@ -393,32 +236,54 @@ def obtain_ticket(run: Run, dense_steps: dict[str, int]) -> Ticket | None:
         ticket = Ticket.load(cfg.ticket)
         ticket.check_fits(cfg.model)
     if run.is_main:
-        ticket.save(run.out / "ticket.json")
-        atomic_write_json(run.out / "ticket_report.json", ticket_report(ticket, cfg.model))
+        ticket.save(run.layout.ticket)
+        atomic_write_json(run.layout.ticket_report, ticket_report(ticket, cfg.model))
     barrier()
     return ticket
 
 
 def train_phases(run: Run, ticket: Ticket | None) -> None:
-    cfg, out, steps = run.cfg, run.out, phase_steps(run.cfg, dense=ticket is None)
+    cfg, layout, steps = run.cfg, run.layout, phase_steps(run.cfg, dense=ticket is None)
     for name, phase in (("phase1", cfg.phase1), ("phase2", cfg.phase2)):
         if name in run.progress:
             continue
         started = time.perf_counter()
         model = phase1_model(run, ticket) if name == "phase1" else load_pretrained(BertForPreTraining,
-            out / "phase1_model")
+                                                                                   layout.phase1_model)
         build_seconds = time.perf_counter() - started
         logger.info("%s: %s parameters, %d steps", name, f"{model.num_parameters():,}", steps[name])
-        engine, result = train_stage(run, name, model, phase, steps[name], steps[name])
-        result["timing"]["model_build_seconds"] = build_seconds  # the re-init cost for a pruned phase 1
-        result["parameters"] = model.num_parameters()
-        if run.is_main:
-            folder = out / ("phase1_model" if name == "phase1" else "final_model")
-            save_pretrained(engine.module, folder)
-            if name == "phase2":
-                copy_tokenizer_files(run.corpus.vocab_path.parent, folder)
-                if ticket is not None:
-                    shutil.copy2(out / "ticket.json", folder / "ticket.json")
-        release(engine)
-        del engine, model
-        run.finish_stage(name, result)
+        folder = layout.model_folder(name)
+        record = train_stage(run, name, model, phase, steps[name], steps[name], save_to=folder)
+        record["timing"]["model_build_seconds"] = build_seconds  # the re-init cost for a pruned phase 1
+        if run.is_main and name == "phase2":
+            copy_tokenizer_files(run.corpus.vocab_path.parent, folder)
+            if ticket is not None:
+                shutil.copy2(layout.ticket, folder / "ticket.json")
+        del model
+        run.finish_stage(name, record)
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
+             compare_to: Path | None = None) -> dict:
+    """The whole recipe as a table of contents: join the ranks, check, prepare the folder, ticket, phases, report."""
+    if compare_to is not None and not (compare_to / "report.json").is_file():
+        raise RunError(f"--compare-to {compare_to}: no report.json there (run the dense baseline first)")
+    rank, world_size, device = init_distributed()
+    # No force=True: a host application's (or pytest's) logging set-up stays as it is.
+    logging.basicConfig(stream=sys.stdout, format=f"%(asctime)s [rank {rank}] %(message)s")
+    logging.getLogger("earlybert_pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    validate(cfg, world_size)
+    layout = RunLayout(Path(cfg.output_dir))
+    runtime = Runtime(rank, world_size, device, resolve_precision(cfg.engine.precision, device))
+    progress = prepare_output(cfg, layout, resume, overwrite, runtime.is_main)
+    run = Run(cfg, layout, runtime, TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main), progress,
+              ShardedCorpus(cfg.data.shard_dir, "train"))
+    ticket = obtain_ticket(run, phase_steps(cfg, dense=True))
+    train_phases(run, ticket)
+    report = None
+    if run.is_main:
+        report = write_run_report(layout.root, cfg.mode, run.progress, compare_to)
+        print(render_run_report(report), end="")
+    run.tensorboard.close()
+    barrier()
+    return report

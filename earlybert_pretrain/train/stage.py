@@ -1,0 +1,321 @@
+"""One training stage on the DeepSpeed engine, the backend both recipes (pre-training, fine-tuning) run on.
+
+A ``Stage`` owns its engine from build to release, as a context manager::
+
+    with Stage.build(model, settings, runtime) as stage:   # seed, optimizer, schedule, engine
+        stage.resume()                                      # the stage's newest complete checkpoint, if any
+        result = stage.run(open_batches, steps, hooks)      # forward, backward, accumulate, clip, step, checkpoint
+        save_pretrained(stage.module, folder)               # fp32 weights, whatever the training precision
+    # the engine is released here (and on any error), so no caller holds a half-torn-down engine
+
+The step is timed by the paper's protocol (Sec. 4.1): micro-batches are fetched and moved to the device before the
+timer starts; forward, backward, clipping and the optimizer step are inside it. Hooks (``StageHook``) add a loss term
+(the search's L1 penalty), act after each optimizer step (ticket draws, evaluation, early stop) and carry state
+through checkpoints, so a resumed stage is the same stage.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from earlybert_pretrain.config import OptimizerConfig
+from earlybert_pretrain.train.checkpoint import (
+    capture_rng_state,
+    checkpoint_tag,
+    load_latest_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from earlybert_pretrain.train.distributed import from_every_rank
+from earlybert_pretrain.train.engine import build_engine, deepspeed_config, describe_runtime
+from earlybert_pretrain.train.optim import build_optimizer
+from earlybert_pretrain.train.schedules import build_scheduler
+from earlybert_pretrain.train.telemetry import StepTimer, TensorBoardLogger
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a run executes: this process's rank, the data-parallel world size, its device and resolved precision."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: str  # fp32 | bf16 | fp16 (resolved, see engine.resolve_precision)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate shape over ``total_steps`` optimizer steps; ``kind=None`` holds the lr constant."""
+
+    total_steps: int
+    warmup: float = 0.0
+    kind: str | None = "warmup_poly"  # warmup_poly (NVIDIA, pre-training) | warmup_linear (fine-tuning) | None
+    power: float = 0.5
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """Everything that shapes one stage's training; recipes build it from their configs."""
+
+    name: str  # checkpoint tag prefix, log and TensorBoard prefix
+    seed: int  # the stage's own randomness (dropout), so a stage rerun after a restart is the same stage
+    global_batch_size: int
+    micro_batch_size: int
+    optimizer: OptimizerConfig
+    lr: float
+    schedule: Schedule
+    grad_clip: float
+    zero_stage: int = 0
+    compile: bool = False
+    checkpoint_dir: Path | None = None  # None: this stage keeps no checkpoints
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+
+class StageHook:
+    """Override what a hook needs; the defaults do nothing."""
+
+    def extra_loss(self, module: nn.Module) -> torch.Tensor | None:
+        """A term added to the model's loss on every micro-batch (e.g. the L1 penalty on slimming coefficients)."""
+        return None
+
+    def after_step(self, stage: Stage, step: int) -> bool:
+        """Called after optimizer step ``step`` (1-based); True stops the stage there."""
+        return False
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class StageResult:
+    """What a finished stage reports; saved as JSON in the run's progress file."""
+
+    name: str
+    steps: int
+    planned_steps: int
+    stopped_early: bool
+    losses: list[float]  # per optimizer step: mean over micro-batches of model loss + hook terms
+    parameters: int
+    optimizer_parameters: int  # what the engine's optimizer holds: equals ``parameters`` for a re-initialised model
+    parameter_digests_by_rank: list[str]
+    timing: dict = field(default_factory=dict)  # StepTimer.summary() + the runtime description
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> StageResult:
+        return cls(**{key: values[key] for key in cls.__dataclass_fields__})
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 over every parameter's bytes: equal on all data-parallel ranks, or the replicas diverged."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _free_memory() -> None:
+    """Collect released engines (DeepSpeed's hooks make reference cycles) before the next one is built."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _loss_terms(output: object) -> dict[str, torch.Tensor]:
+    """The model's named loss terms besides ``loss`` (pre-training: mlm_loss, nsp_loss), for the logs."""
+    return {name: value for name, value in vars(output).items()
+            if name.endswith("_loss") and isinstance(value, torch.Tensor)}
+
+
+class Stage:
+    """A built engine for one stage; use ``Stage.build(...)`` as a context manager."""
+
+    def __init__(self, engine, settings: StageSettings, runtime: Runtime, kernel: str,
+                 tensorboard: TensorBoardLogger | None):
+        self.engine, self.settings, self.runtime = engine, settings, runtime
+        self.tensorboard = tensorboard or TensorBoardLogger("", enabled=False)
+        self.description = describe_runtime(engine, kernel)
+        self.timer = StepTimer(runtime.device)
+        self.step, self.losses = 0, []
+        self._hooks: Sequence[StageHook] = ()
+        self._resumed_hook_states: list[dict] | None = None
+        logger.info("%s: %s", settings.name, json.dumps(self.description))
+
+    @classmethod
+    def build(cls, model: nn.Module, settings: StageSettings, runtime: Runtime,
+              tensorboard: TensorBoardLogger | None = None) -> Stage:
+        _free_memory()
+        seed_everything(settings.seed)
+        model.to(runtime.device)  # before the optimizer: the fused-kernel choice looks at where the parameters live
+        optimizer, kernel = build_optimizer(model, settings.optimizer, settings.lr)
+        schedule = settings.schedule
+        scheduler = None if schedule.kind is None else build_scheduler(
+            optimizer, schedule.total_steps, schedule.warmup, schedule.power, schedule=schedule.kind)
+        if settings.compile:
+            model.bert_model().encoder.compile()
+        engine = build_engine(model, optimizer, scheduler, deepspeed_config(
+            settings.global_batch_size, settings.micro_batch_size, runtime.world_size, runtime.precision,
+            settings.grad_clip, settings.zero_stage, settings.optimizer.name))
+        return cls(engine, settings, runtime, kernel, tensorboard)
+
+    def __enter__(self) -> Stage:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Tear the engine down before the next one; the process group stays (DeepSpeed keeps a handle to it)."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+            _free_memory()
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+    def full_precision_copies(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        """fp32 CPU copies of ``params`` as the optimizer holds them (gathered under any ZeRO sharding)."""
+        import deepspeed  # the stage is the one place that knows DeepSpeed's gather API
+
+        with deepspeed.zero.GatheredParameters(list(params)):
+            return [param.detach().float().cpu().clone() for param in params]
+
+    def check_ranks_agree(self, tensor: torch.Tensor, what: str) -> None:
+        """Raise when the data-parallel ranks hold different values of ``tensor``: the replicas diverged."""
+        if self.runtime.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        local = tensor.to(self.runtime.device)
+        everyone = [torch.empty_like(local) for _ in range(self.runtime.world_size)]
+        dist.all_gather(everyone, local)
+        if any(not torch.equal(other, local) for other in everyone):
+            raise RuntimeError(f"{self.settings.name}: data-parallel ranks disagree on {what}; the replicas diverged")
+
+    def resume(self, hooks: Sequence[StageHook] = ()) -> dict | None:
+        """Load the stage's newest complete checkpoint (engine, timer, RNG, hooks); returns the recipe's extra state."""
+        if self.settings.checkpoint_dir is None:
+            return None
+        client = load_latest_checkpoint(self.engine, self.settings.checkpoint_dir, self.settings.name)
+        if client is None:
+            return None
+        self.step, self.losses = client["step"], client["losses"]
+        self.timer.load_state_dict(client["timer"])
+        restore_rng_state(client["rng"])
+        for hook, state in zip(hooks, client["hooks"]):
+            hook.load_state_dict(state)
+        return client["extra"]
+
+    def run(self, open_batches: Callable[[int], Iterator[Batch]], steps: int, hooks: Sequence[StageHook] = (),
+            extra_state: Callable[[], dict] = dict) -> StageResult:
+        """Train until ``steps`` optimizer steps are done or a hook stops the stage.
+
+        ``open_batches(n)`` yields this rank's micro-batches from its ``n``-th on (n = steps done x accumulation), so
+        a resumed stage reads exactly the batches it would have read. ``extra_state()`` is saved with every
+        checkpoint and handed back by ``resume``.
+        """
+        self._hooks = hooks
+        settings, device = self.settings, self.runtime.device
+        accumulation = self.accumulation_steps
+        if self.step:
+            logger.info("%s: resumed at step %d of %d", settings.name, self.step, steps)
+        batches = open_batches(self.step * accumulation)
+        stopped_early = False
+        while self.step < steps and not stopped_early:
+            micro_batches = [{key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
+                             for _ in range(accumulation)]
+            lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside it)
+            means = self.train_step(micro_batches, hooks)
+            self.step += 1
+            self.losses.append(means["loss"])
+            stopped_early = any([hook.after_step(self, self.step) for hook in hooks])
+            self._log(steps, {**means, "lr": lr})
+            if (settings.checkpoint_dir is not None and self.step % settings.checkpoint_every == 0
+                    and self.step < steps and not stopped_early):
+                self._save_checkpoint(extra_state())
+        if stopped_early:
+            logger.info("%s: stopped by a hook at step %d of %d", settings.name, self.step, steps)
+        digests = from_every_rank(parameter_digest(self.module))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"{settings.name}: data-parallel ranks hold different parameters (digests {digests})")
+        optimizer_parameters = sum(p.numel() for group in self.engine.optimizer.param_groups for p in group["params"])
+        return StageResult(settings.name, self.step, steps, stopped_early, list(self.losses),
+                           sum(p.numel() for p in self.module.parameters()), optimizer_parameters, digests,
+                           {**self.timer.summary(), "runtime": self.description})
+
+    def train_step(self, micro_batches: Sequence[Batch], hooks: Sequence[StageHook] = ()) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (already on the device), timed; returns the mean loss terms."""
+        real_tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches) * self.runtime.world_size
+        terms: list[dict[str, torch.Tensor]] = []
+        with self.timer.step(tokens=real_tokens):  # data fetching stays outside the timed step (Sec. 4.1)
+            for batch in micro_batches:
+                output = self.engine(**batch)
+                extra = [term for hook in hooks if (term := hook.extra_loss(self.engine.module)) is not None]
+                loss = output.loss + sum(extra) if extra else output.loss
+                self.engine.backward(loss)
+                self.engine.step()
+                values = {"loss": loss, **_loss_terms(output)}
+                if extra:
+                    values["l1"] = sum(extra)
+                terms.append({name: value.detach().float() for name, value in values.items()})
+        return {name: torch.stack([t[name] for t in terms]).mean().item() for name in terms[0]}
+
+    def _save_checkpoint(self, extra: dict) -> None:
+        client = {"stage": self.settings.name, "step": self.step, "losses": self.losses,
+                  "timer": self.timer.state_dict(), "rng": capture_rng_state(),
+                  "hooks": [hook.state_dict() for hook in self._hooks], "extra": extra}
+        save_checkpoint(self.engine, self.settings.checkpoint_dir, checkpoint_tag(self.settings.name, self.step),
+                        client, self.settings.keep_checkpoints)
+
+    def _log(self, steps: int, values: dict[str, float]) -> None:
+        timer, name = self.timer, self.settings.name
+        values = {**values, "grad_norm": self.engine.get_global_grad_norm(),
+                  "loss_scale": self.engine.optimizer.loss_scale if self.engine.fp16_enabled() else None,
+                  "sequences_per_second": self.engine.train_batch_size() / timer.last_seconds,
+                  "tokens_per_second": timer.tokens / timer.total_seconds}
+        self.tensorboard.scalars(values, self.step, prefix=f"{name}/")
+        if self.runtime.is_main and (self.step % self.settings.log_every == 0 or self.step == steps):
+            eta = timer.mean_step_seconds * (steps - self.step)
+            terms = "".join(f"  {key.removesuffix('_loss')} {values[key]:.4f}" for key in values
+                            if key.endswith("_loss") or key == "l1")
+            logger.info("%s step %d/%d  loss %.4f%s  lr %.3g  %.1f seq/s  ETA %dm%02ds", name, self.step, steps,
+                        values["loss"], terms, values["lr"], values["sequences_per_second"], eta // 60, eta % 60)
