@@ -3,6 +3,8 @@
     earlybert-ticket report t.json [--config FILE] [--json]
     earlybert-ticket distance a.json b.json
     earlybert-ticket heatmap (history.json | t1.json t2.json ...) --output heatmap.png
+    earlybert-ticket export MODEL_DIR OUT_DIR --format padded|compact [--overwrite]
+    earlybert-ticket apply HF_BERT_DIR TICKET.json OUT_DIR --format padded|compact [--overwrite]
 
 ``--config`` is a model YAML (``configs/bert-base.yaml``), a pre-training YAML with a ``model`` section, or an
 HF-format model folder / its config.json; without it the report uses the geometry recorded in the ticket.
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from earlybert_pretrain.config import build_dataclass, read_yaml
 from earlybert_pretrain.model.bert import BertConfig
+from earlybert_pretrain.model.export import FORMATS, apply_ticket, export_model
 from earlybert_pretrain.model.hf import read_config
 from earlybert_pretrain.tickets.distance import mask_distance
 from earlybert_pretrain.tickets.history import HISTORY_FORMAT, MaskHistory
@@ -74,6 +77,16 @@ def _heatmap(args: argparse.Namespace) -> None:
     print(f"wrote {args.output} ({len(history)} masks, steps {history.steps[0]}..{history.steps[-1]})")
 
 
+def _export(args: argparse.Namespace) -> None:
+    print(f"wrote {export_model(args.model_dir, args.out_dir, args.format, args.overwrite)} ({args.format})")
+
+
+def _apply(args: argparse.Namespace) -> None:
+    ticket = Ticket.load(args.ticket)
+    print(f"wrote {apply_ticket(args.model_dir, ticket, args.out_dir, args.format, args.overwrite)} "
+          f"({args.format}, ticket {ticket.digest()[:12]})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="earlybert-ticket", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     heatmap.add_argument("--output", "-o", required=True, help="PNG file to write")
     heatmap.add_argument("--kinds", nargs="+", default=["head", "ffn"], choices=["head", "ffn", "combined"])
     heatmap.set_defaults(run=_heatmap)
+    export = commands.add_parser("export", help="our HF folder -> a folder stock transformers loads (padded: plain "
+                                 "BERT, zero-padded; compact: real sizes, trust_remote_code)")
+    export.add_argument("model_dir")
+    apply = commands.add_parser("apply", help="any HF BERT folder pruned by a ticket -> a padded or compact folder")
+    apply.add_argument("model_dir")
+    apply.add_argument("ticket")
+    for command in (export, apply):
+        command.add_argument("out_dir")
+        command.add_argument("--format", required=True, choices=FORMATS)
+        command.add_argument("--overwrite", action="store_true", help="replace OUT_DIR when it is not empty")
+    export.set_defaults(run=_export)
+    apply.set_defaults(run=_apply)
     return parser
 
 
