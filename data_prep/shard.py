@@ -9,7 +9,8 @@
    (LPT scheduling) — balanced to far better than 1% once there are a few dozen documents per shard. Within a
    shard, documents keep dump order.
 3. Write: each shard's ``.bin``/``.idx`` are written under temp names and renamed (``.idx`` last: a shard counts as
-   done only with both). Then ``manifest.json``, and the tokenized/ scratch directory is removed.
+   done only with both). Then ``manifest.json`` (its schema: ``data_prep.indexed``), and the tokenized/ scratch
+   directory is removed.
 """
 
 from __future__ import annotations
@@ -28,24 +29,21 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from data_prep.common import (
-    MANIFEST,
-    PrepError,
-    atomic_path,
-    begin_stage,
-    manifest_digest,
-    ordered_parallel_map,
-    remove_stale_tmp,
-    require_manifest,
-    sha256_file,
-    stage_done,
-    write_json_atomic,
-)
+from data_prep.common import PrepError, begin_stage, manifest_digest, ordered_parallel_map, require_manifest, stage_done
 from data_prep.fast_tokenize import BatchTokenizer
-from data_prep.indexed import IndexedShard, token_dtype, write_index
+from data_prep.indexed import (
+    FORMAT,
+    STAGE,
+    FileDigest,
+    describe_shard,
+    shard_entry,
+    token_dtype,
+    write_index,
+    write_manifest,
+)
 from data_prep.vocab import TOKENIZER_FILE, VOCAB_FILE, read_vocab
+from earlybert_pretrain.common.files import atomic_path, remove_stale_temps, sha256_file
 
-STAGE = "shard"
 SCRATCH = "tokenized"
 SPLITS = ("train", "validation")
 ENCODE_BATCH = 4096
@@ -141,7 +139,7 @@ def _write_shard(task: tuple[Path, str, list[tuple[str, np.ndarray]], Path, str]
     out_dir, name, docs_by_chunk, scratch, dtype_name = task
     bin_path, idx_path = out_dir / f"{name}.bin", out_dir / f"{name}.idx"
     lengths_parts, doc_sentence_counts = [], []
-    digest = hashlib.sha256()
+    digest = FileDigest()
     max_id = -1
     with atomic_path(idx_path) as idx_tmp, atomic_path(bin_path) as bin_tmp:
         with open(bin_tmp, "wb") as out:
@@ -157,21 +155,9 @@ def _write_shard(task: tuple[Path, str, list[tuple[str, np.ndarray]], Path, str]
                 doc_sentence_counts.extend(rows[:, 3].tolist())
         lengths = np.concatenate(lengths_parts) if lengths_parts else np.zeros(0, dtype=np.int32)
         document_index = np.concatenate([[0], np.cumsum(doc_sentence_counts, dtype=np.int64)])
-        idx_sha = write_index(idx_tmp, np.dtype(dtype_name), lengths, document_index)
+        idx_digest = write_index(idx_tmp, np.dtype(dtype_name), lengths, document_index)
         # The inner context (.bin) is renamed first, so a finished .idx always has its .bin beside it.
-    return {"bin": bin_path.name, "idx": idx_path.name, "documents": len(doc_sentence_counts),
-            "sentences": int(len(lengths)), "tokens": int(lengths.sum()), "max_token_id": max_id,
-            "bin_sha256": digest.hexdigest(), "idx_sha256": idx_sha,
-            "bin_bytes": bin_path.stat().st_size, "idx_bytes": idx_path.stat().st_size}
-
-
-def _existing_shard(out_dir: Path, name: str, dtype: np.dtype) -> dict[str, Any]:
-    shard = IndexedShard(out_dir / f"{name}.bin", out_dir / f"{name}.idx")
-    return {"bin": f"{name}.bin", "idx": f"{name}.idx", "documents": shard.num_documents,
-            "sentences": shard.num_sentences, "tokens": shard.num_tokens,
-            "max_token_id": int(shard.tokens.max()) if shard.num_tokens else -1,
-            "bin_sha256": sha256_file(shard.bin_path), "idx_sha256": sha256_file(shard.idx_path),
-            "bin_bytes": shard.bin_path.stat().st_size, "idx_bytes": shard.idx_path.stat().st_size}
+    return shard_entry(bin_path, idx_path, digest.record(), idx_digest, max_id)
 
 
 def imbalance(tokens: list[int]) -> float:
@@ -202,7 +188,7 @@ def shard_corpus(
     vocab = read_vocab(vocab_dir / VOCAB_FILE)
     vocab_sha = sha256_file(vocab_dir / VOCAB_FILE)
     dtype = token_dtype(len(vocab))
-    params = {"input": str(sentences_dir.resolve()), "input_manifest": manifest_digest(upstream),
+    params = {"format": FORMAT, "input": str(sentences_dir.resolve()), "input_manifest": manifest_digest(upstream),
               "vocab_sha256": vocab_sha, "num_shards": num_shards, "validation_fraction": validation_fraction,
               "num_validation_shards": num_validation_shards, "split_seed": split_seed}
     if done := stage_done(out_dir, STAGE, params):
@@ -210,7 +196,7 @@ def shard_corpus(
     scratch = out_dir / SCRATCH
     begin_stage(out_dir, params, ["*.bin", "*.idx", SCRATCH])
     scratch.mkdir(exist_ok=True)
-    remove_stale_tmp(scratch)
+    remove_stale_temps(scratch)
     # Tokenizer parallelism comes from our worker processes; Rust threads on top would oversubscribe the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
@@ -246,8 +232,8 @@ def shard_corpus(
                       disable=None):
         written[entry["bin"]] = entry
 
-    splits = {split: [written.get(f"{name}.bin") or _existing_shard(out_dir, name, dtype) for name in names]
-              for split, names in planned.items()}
+    splits = {split: [written.get(f"{name}.bin") or describe_shard(out_dir / f"{name}.bin", out_dir / f"{name}.idx")
+                      for name in names] for split, names in planned.items()}
     for name in (VOCAB_FILE, TOKENIZER_FILE):
         with atomic_path(out_dir / name) as tmp:
             shutil.copyfile(vocab_dir / name, tmp)
@@ -255,20 +241,8 @@ def shard_corpus(
     if balance["train"] > BALANCE_TOLERANCE:
         print(f"warning: {out_dir}: train shards differ by up to {balance['train']:.1%} in tokens "
               f"(too few or too uneven documents for {len(splits['train'])} shards)", file=sys.stderr)
-    manifest = {
-        "stage": STAGE,
-        "format": "earlybert-shards-v1",
-        "params": params,
-        "dtype": dtype.name,
-        "vocab": {"file": VOCAB_FILE, "sha256": vocab_sha, "size": len(vocab),
-                  "special_tokens": vocab_manifest["special_tokens"]},
-        "tokenizer": {**vocab_manifest["tokenizer"], "file": TOKENIZER_FILE,
-                      "sha256": sha256_file(out_dir / TOKENIZER_FILE)},
-        "splits": splits,
-        "balance": balance,
-        "totals": {split: {key: sum(f[key] for f in files) for key in ("documents", "sentences", "tokens")}
-                   for split, files in splits.items()},
-    }
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    manifest = write_manifest(out_dir, params=params, dtype=dtype, vocab_file=VOCAB_FILE, vocab_size=len(vocab),
+                              special_tokens=vocab_manifest["special_tokens"], tokenizer_file=TOKENIZER_FILE,
+                              tokenizer=vocab_manifest["tokenizer"], splits=splits, balance=balance)
     shutil.rmtree(scratch)
     return manifest

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -35,6 +35,8 @@ class DataConfig:
     masked_lm_prob: float = 0.15
     short_seq_prob: float = 0.1
     whole_word_masking: bool = False
+    # Shard check at load (data_prep.indexed.verify_shard): sizes + sampled blocks, every byte, or sizes only.
+    verify: Literal["sample", "full", "off"] = "sample"
 
 
 @dataclass

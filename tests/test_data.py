@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus, check_vocab
+from data_prep import indexed
+from data_prep.indexed import check_vocab, vocab_digest
+from earlybert_pretrain.common.files import sha256_file
+from earlybert_pretrain.errors import DataError
+from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus
 
 SEQ = 128
 MAX_PRED = 20
@@ -22,7 +26,7 @@ pytest_plugins = ["data_fixtures"]  # the session-wide build of the real dump
 
 @pytest.fixture(scope="module")
 def corpus(wiki_build) -> ShardedCorpus:
-    return ShardedCorpus(wiki_build.shards, verify=True)
+    return ShardedCorpus(wiki_build.shards, verify="full")
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +55,17 @@ def test_corpus_maps_the_manifest(corpus: ShardedCorpus, wiki_build) -> None:
 
 
 def test_check_vocab(wiki_build, tmp_path: Path) -> None:
+    recorded = vocab_digest(wiki_build.shards)
+    assert recorded == sha256_file(wiki_build.shards / "vocab.txt")
     check_vocab(wiki_build.shards, wiki_build.vocab_size)
-    check_vocab(wiki_build.shards, wiki_build.vocab_size, model_vocab_path=wiki_build.shards / "vocab.txt")
+    check_vocab(wiki_build.shards, wiki_build.vocab_size, recorded)
     manifest = str(wiki_build.shards / "manifest.json")
-    with pytest.raises(ValueError, match=re.escape(manifest) + f".*{wiki_build.vocab_size}.*30522"):
+    with pytest.raises(DataError, match=re.escape(manifest) + f".*{wiki_build.vocab_size}.*30522"):
         check_vocab(wiki_build.shards, 30522)
     other = tmp_path / "vocab.txt"
     other.write_text((wiki_build.shards / "vocab.txt").read_text().replace("the\n", "teh\n", 1))
-    with pytest.raises(ValueError, match=re.escape(str(other))):
-        check_vocab(wiki_build.shards, wiki_build.vocab_size, model_vocab_path=other)
+    with pytest.raises(DataError, match=re.escape(manifest) + f".*{recorded}.*{other} expects {sha256_file(other)}"):
+        check_vocab(wiki_build.shards, wiki_build.vocab_size, sha256_file(other), expected_by=str(other))
 
 
 def test_batch_layout_matches_bert_for_pretraining(corpus: ShardedCorpus) -> None:
@@ -230,12 +236,14 @@ def test_corrupt_shards_are_named(wiki_build, tmp_path: Path) -> None:
     data = bytearray(target.read_bytes())
     data[100], data[101] = data[101], (data[101] + 1) % 256
     target.write_bytes(bytes(data))
-    ShardedCorpus(shards)  # same size: the cheap check passes...
-    with pytest.raises(ValueError, match=re.escape(str(target)) + ".*sha256"):
-        ShardedCorpus(shards, verify=True)  # ...the sha256 does not
+    ShardedCorpus(shards, verify="off")  # same size: the size check passes...
+    with pytest.raises(DataError, match=re.escape(str(target)) + ".*sha256"):
+        ShardedCorpus(shards, verify="full")  # ...the sha256 does not
+    with pytest.raises(DataError, match=re.escape(str(target)) + ".*block digest"):
+        ShardedCorpus(shards)  # nor the default sampled-block check (these shards are one block each)
     target.write_bytes(bytes(data[:-2]))
-    with pytest.raises(ValueError, match=re.escape(str(target)) + ".*bytes"):
-        ShardedCorpus(shards)
+    with pytest.raises(DataError, match=re.escape(str(target)) + ".*bytes"):
+        ShardedCorpus(shards, verify="off")
 
 
 def test_token_ids_beyond_the_vocab_are_named(wiki_build, tmp_path: Path) -> None:
@@ -246,12 +254,15 @@ def test_token_ids_beyond_the_vocab_are_named(wiki_build, tmp_path: Path) -> Non
     tokens.tofile(target)
     manifest_path = shards / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["splits"]["train"][0]["bin_sha256"] = hashlib.sha256(target.read_bytes()).hexdigest()
+    entry = manifest["splits"]["train"][0]
+    entry.update(indexed.describe_shard(target, shards / entry["idx"]))  # a manifest that tells the truth
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=re.escape(str(target)) + f".*{wiki_build.vocab_size + 7} >= vocab"):
-        ShardedCorpus(shards, verify=True)
-    corpus = ShardedCorpus(shards)  # without verify the first read of those tokens fails, naming the shard
-    with pytest.raises(ValueError, match=re.escape(str(target))):
+    with pytest.raises(DataError, match=re.escape(str(target)) + f".*{wiki_build.vocab_size + 7} >= vocab"):
+        ShardedCorpus(shards, verify="full")
+    entry["max_token_id"] = 0  # a manifest that lies: the first read of those tokens fails, naming the shard
+    manifest_path.write_text(json.dumps(manifest))
+    corpus = ShardedCorpus(shards)
+    with pytest.raises(DataError, match=re.escape(str(target))):
         corpus.span(0, 0, 2)
 
 
@@ -259,5 +270,51 @@ def test_missing_or_foreign_manifest(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "manifest.json"))):
         ShardedCorpus(tmp_path)
     (tmp_path / "manifest.json").write_text('{"stage": "extract"}')
-    with pytest.raises(ValueError, match="not an earlybert-shards-v1 manifest"):
+    with pytest.raises(DataError, match="not an earlybert-shards-v2 manifest"):
         ShardedCorpus(tmp_path)
+
+
+def test_sampled_block_check_reads_only_the_sampled_blocks(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(indexed, "BLOCK_BYTES", 64)
+    bin_path, idx_path = tmp_path / "s.bin", tmp_path / "s.idx"
+    np.arange(400, dtype="<u2").tofile(bin_path)  # 800 bytes: 12 full blocks and a partial one
+    indexed.write_index(idx_path, np.dtype("<u2"), np.array([100] * 4), np.array([0, 2, 4]))
+    entry = indexed.describe_shard(bin_path, idx_path)
+    data = bin_path.read_bytes()
+    assert entry["bin_blocks"] == [hashlib.blake2b(data[i:i + 64], digest_size=8).hexdigest()
+                                   for i in range(0, 800, 64)]
+    assert entry["bin_sha256"] == hashlib.sha256(data).hexdigest() and entry["max_token_id"] == 399
+    flipped = bytearray(data)
+    flipped[5 * 64 + 3] ^= 0xFF  # block 5
+    bin_path.write_bytes(bytes(flipped))
+    monkeypatch.setattr(indexed.random, "sample", lambda population, k: [5, 3][:k])
+    with pytest.raises(DataError, match=re.escape(str(bin_path)) + ": bytes 320..384 disagree"):
+        indexed.verify_shard(tmp_path, entry, "sample")
+    with pytest.raises(DataError, match=re.escape(str(bin_path)) + ": sha256 disagrees"):
+        indexed.verify_shard(tmp_path, entry, "full")
+    monkeypatch.setattr(indexed.random, "sample", lambda population, k: [0, 1][:k])
+    indexed.verify_shard(tmp_path, entry, "sample")  # a sample misses what it does not read; `full` is the remedy
+    indexed.verify_shard(tmp_path, entry, "off")
+    with pytest.raises(DataError, match="data.verify: expected one of sample, full, off"):
+        indexed.verify_shard(tmp_path, entry, "bogus")
+
+
+def test_shards_re_prepared_with_another_vocab_of_the_same_size_are_refused(wiki_build, tmp_path: Path) -> None:
+    from data_prep.shard import shard_corpus
+    from data_prep.vocab import build_vocab
+
+    recorded = vocab_digest(wiki_build.shards)  # what a run records when it starts
+    tokens = (wiki_build.vocab / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    tokens[-1], tokens[-2] = tokens[-2], tokens[-1]  # same tokens, same size, two ids exchanged
+    swapped = tmp_path / "swapped.txt"
+    swapped.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    build_vocab(None, tmp_path / "vocab", existing=swapped)
+    shards = tmp_path / "shards"
+    shard_corpus(wiki_build.sentences, tmp_path / "vocab", shards, num_shards=2, validation_fraction=0.05)
+    assert ShardedCorpus(shards).vocab_size == wiki_build.vocab_size
+    check_vocab(shards, wiki_build.vocab_size)  # the size alone cannot tell
+    with pytest.raises(DataError) as refused:
+        check_vocab(shards, wiki_build.vocab_size, recorded, expected_by="the run in out/")
+    message = str(refused.value)
+    assert "\n" not in message and str(shards / "manifest.json") in message
+    assert sha256_file(swapped) in message and recorded in message and "the run in out/ expects" in message

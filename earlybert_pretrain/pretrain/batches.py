@@ -26,7 +26,6 @@ the batches it would have seen.
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,49 +34,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_prep.indexed import IndexedShard
+from data_prep.indexed import IndexedShard, load_manifest, verify_shard
+from data_prep.indexed import check_vocab as check_vocab  # the recipe's import; data_prep.indexed defines it
 from earlybert_pretrain.common.files import sha256_file
 from earlybert_pretrain.common.tokens import IGNORE_INDEX, SPECIAL_TOKENS
+from earlybert_pretrain.errors import DataError
 
 RANDOM_NEXT_TRIES = 10
-
-
-def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """The shard directory's manifest; ValueError naming the file when it is missing or not a shard manifest."""
-    path = Path(shard_dir) / "manifest.json"
-    if not path.is_file():
-        raise ValueError(f"{path}: shard manifest not found (run `earlybert-prep shard` or `all` first)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if manifest.get("format") != "earlybert-shards-v1":
-        raise ValueError(f"{path}: not an earlybert-shards-v1 manifest")
-    return manifest
-
-
-def check_vocab(shard_dir: str | Path, model_vocab_size: int, model_vocab_path: str | Path | None = None) -> None:
-    """Raise ValueError when the shards were tokenized with another vocabulary than the model's.
-
-    Compares sizes always, and the vocab file's sha256 when the model's ``vocab.txt`` is given.
-    """
-    manifest_path = Path(shard_dir) / "manifest.json"
-    vocab = load_manifest(shard_dir)["vocab"]
-    if vocab["size"] != model_vocab_size:
-        raise ValueError(
-            f"{manifest_path}: shards use a vocab of {vocab['size']} tokens but the model has {model_vocab_size}"
-        )
-    if model_vocab_path is not None and sha256_file(Path(model_vocab_path)) != vocab["sha256"]:
-        raise ValueError(
-            f"{manifest_path}: shards were tokenized with vocab sha256 {vocab['sha256'][:12]}..., "
-            f"not with the model's {model_vocab_path}"
-        )
 
 
 class ShardedCorpus:
     """The documents of one split, memory-mapped across its shards (nothing is read until sampled)."""
 
-    def __init__(self, shard_dir: str | Path, split: str = "train", verify: bool = False) -> None:
+    def __init__(self, shard_dir: str | Path, split: str = "train", verify: str = "sample") -> None:
         self.shard_dir = Path(shard_dir)
         self.manifest_path = self.shard_dir / "manifest.json"
         manifest = load_manifest(self.shard_dir)
@@ -114,21 +83,11 @@ class ShardedCorpus:
             raise ValueError(f"{self.vocab_path}: {len(tokens)} tokens, {self.manifest_path} says {self.vocab_size}")
         return tokens
 
-    def _open_shard(self, entry: dict[str, Any], verify: bool) -> IndexedShard:
-        for kind in ("bin", "idx"):
-            path = self.shard_dir / entry[kind]
-            if not path.is_file():
-                raise ValueError(f"{path}: shard file listed in {self.manifest_path} not found")
-            if path.stat().st_size != entry[f"{kind}_bytes"]:
-                raise ValueError(
-                    f"{path}: {path.stat().st_size} bytes, {self.manifest_path} says {entry[f'{kind}_bytes']}"
-                )
-            if verify and sha256_file(path) != entry[f"{kind}_sha256"]:
-                raise ValueError(f"{path}: sha256 disagrees with {self.manifest_path} (corrupt or replaced shard)")
+    def _open_shard(self, entry: dict[str, Any], verify: str) -> IndexedShard:
+        verify_shard(self.shard_dir, entry, verify)  # sizes, then sampled blocks or every byte (data.verify)
         shard = IndexedShard(self.shard_dir / entry["bin"], self.shard_dir / entry["idx"])
-        max_id = int(shard.tokens.max()) if verify and shard.num_tokens else entry["max_token_id"]
-        if max_id >= self.vocab_size:
-            raise ValueError(f"{shard.bin_path}: token id {max_id} >= vocab size {self.vocab_size}")
+        if entry["max_token_id"] >= self.vocab_size:
+            raise DataError(f"{shard.bin_path}: token id {entry['max_token_id']} >= vocab size {self.vocab_size}")
         if (shard.num_documents, shard.num_sentences, shard.num_tokens) != (
             entry["documents"], entry["sentences"], entry["tokens"]
         ):
