@@ -5,7 +5,7 @@
 2. ``earlybert-prep all``: extract -> sentences -> WordPiece vocab -> token shards.
 3. ``earlybert-pretrain`` twice on ``configs/pretrain_demo_cpu.yaml``: the dense baseline, then EarlyBERT
    (search -> draw -> re-init -> phase 1 -> phase 2, 80% of the steps) compared against it.
-4. Prints the report: losses, the ticket, the Figure-1 heatmap's path and the time saved.
+4. Prints the report: losses, the ticket, the Figure-1 heatmap's path, the time saved and the loss plot's path.
 
 Every stage resumes: rerunning the demo reuses what is already there.
 """
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     run([*pretrain, "mode=earlybert", f"output_dir={out / 'earlybert'}", "--compare-to", str(out / "dense")])
 
     # The EarlyBERT run has just printed its report (losses, ticket, heatmap, time saved vs the dense run).
-    print(f"report: {out / 'earlybert' / 'report.txt'}\nTensorBoard: tensorboard --logdir {out}")
+    print(f"report: {out / 'earlybert' / 'report.txt'}\nloss curves (EarlyBERT vs dense): "
+          f"{out / 'earlybert' / 'report.png'}\nTensorBoard: tensorboard --logdir {out}")
     return 0
 
 

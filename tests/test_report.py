@@ -1,0 +1,83 @@
+"""The run report's plot: the series it draws (exact steps, times and losses from the progress records) and a
+report.png that reflects them (this run and the --compare-to runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib import image
+
+from earlybert_pretrain.errors import RunError
+from earlybert_pretrain.pretrain.report import loss_series, write_run_report
+
+
+def stage(losses: list[float], seconds: float) -> dict:
+    return {"steps": len(losses), "losses": losses,
+            "timing": {"total_seconds": seconds, "mean_step_seconds": seconds / max(1, len(losses)), "tokens": 10}}
+
+
+def earlybert_progress(scale: float = 1.0) -> dict:
+    return {"search": stage([9.0, 8.5], 4.0), "draw": {"timing": {"total_seconds": 1.0}},
+            "phase1": stage([scale * 9.5, scale * 7.0, scale * 6.0], 3.0), "phase2": stage([6.5], 2.0)}
+
+
+def test_series_place_every_stage_on_the_whole_schedule() -> None:
+    series = loss_series(earlybert_progress())
+    assert [s.stage for s in series] == ["search", "phase1", "phase2"]  # the draw trains nothing
+    assert [s.steps for s in series] == [[1, 2], [3, 4, 5], [6]]
+    # Sec. 4.1 time: search 4 s (2 s a step), the 1 s draw, phase 1 3 s (1 s a step), phase 2 2 s.
+    assert [s.seconds for s in series] == [[2.0, 4.0], [6.0, 7.0, 8.0], [10.0]]
+    assert [s.losses for s in series] == [[9.0, 8.5], [9.5, 7.0, 6.0], [6.5]]
+    dense = loss_series({"phase1": stage([9.0, 8.0], 5.0), "phase2": stage([7.0], 4.0)})
+    assert [(s.stage, s.steps, s.seconds) for s in dense] == [("phase1", [1, 2], [2.5, 5.0]),
+                                                              ("phase2", [3], [9.0])]
+
+
+def write_run(folder: Path, mode: str, progress: dict, compare_to=None) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "progress.json").write_text(json.dumps(progress))
+    return write_run_report(folder, mode, progress, compare_to)
+
+
+def read_png(path: Path) -> np.ndarray:
+    pixels = image.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+    return pixels
+
+
+def test_report_png_reflects_the_runs_drawn(tmp_path: Path) -> None:
+    dense = write_run(tmp_path / "dense", "dense", {"phase1": stage([9.0, 8.0, 7.0], 6.0),
+                                                    "phase2": stage([6.8], 2.0)})
+    assert dense["plot"] == str(tmp_path / "dense" / "report.png")
+    assert json.loads((tmp_path / "dense" / "report.json").read_text())["plot"] == dense["plot"]
+    assert "loss curves: " + dense["plot"] in (tmp_path / "dense" / "report.txt").read_text()
+    reduced = write_run(tmp_path / "reduced", "reduced", {"phase1": stage([9.0, 8.2], 4.0),
+                                                          "phase2": stage([7.5], 1.0)})
+    early = write_run(tmp_path / "early", "earlybert", earlybert_progress(), [tmp_path / "dense", tmp_path / "reduced"])
+    other = write_run(tmp_path / "other", "earlybert", earlybert_progress(scale=0.5), [tmp_path / "dense",
+                                                                                      tmp_path / "reduced"])
+    alone = write_run(tmp_path / "alone", "earlybert", earlybert_progress())
+    assert early["compare_to"]["dense_run"] == str(tmp_path / "dense")  # the text compares against the first run
+    images = {name: read_png(Path(report["plot"]))
+              for name, report in {"dense": dense, "reduced": reduced, "early": early, "other": other,
+                                   "alone": alone}.items()}
+    for a, b in (("early", "other"), ("early", "alone"), ("dense", "reduced")):
+        assert not np.array_equal(images[a], images[b]), (a, b)  # other losses, or other runs beside it
+    again = write_run(tmp_path / "again", "earlybert", earlybert_progress(), [tmp_path / "dense",
+                                                                              tmp_path / "reduced"])
+    assert np.array_equal(read_png(Path(again["plot"])), images["early"])  # a pure function of the records
+    # Colour per run: the plot beside two other runs holds colours the lone run's plot lacks.
+    colours = {name: {tuple(pixel) for pixel in np.round(images[name][..., :3].reshape(-1, 3), 2)}
+               for name in ("early", "alone")}
+    assert colours["early"] - colours["alone"]
+
+
+def test_compare_run_without_progress_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "report.json").write_text(json.dumps({"mode": "dense", "total_seconds": 1.0}))
+    with pytest.raises(RunError, match=r"dense/progress.json: run progress file not found"):
+        write_run(tmp_path / "early", "earlybert", earlybert_progress(), [tmp_path / "dense"])
+    assert sorted(p.name for p in (tmp_path / "early").iterdir()) == ["progress.json"]
