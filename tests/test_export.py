@@ -17,7 +17,7 @@ import torch
 import transformers
 
 from earlybert_pretrain.finetune.models import BertForQuestionAnswering, BertForSequenceClassification
-from earlybert_pretrain.model.bert import BertForPreTraining, BertModel
+from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining, BertModel
 from earlybert_pretrain.model.export import REMOTE_FILES, apply_ticket, export_model
 from earlybert_pretrain.model.hf import load_pretrained, read_config, save_pretrained
 from earlybert_pretrain.tickets.cli import main as ticket_main
@@ -97,7 +97,8 @@ def test_padded_exports_load_in_plain_transformers_with_the_pruned_function(prun
         with caplog.at_level(logging.WARNING):
             caplog.clear()
             reference = getattr(transformers, architecture).from_pretrained(out).eval()
-        assert "mismatch" not in caplog.text.lower() and "newly initialized" not in caplog.text.lower()
+        # No load report at all: no mismatched, missing (re-initialised) or unexpected weights.
+        assert "LOAD REPORT" not in caplog.text and "mismatch" not in caplog.text.lower(), caplog.text
         assert reference.config.intermediate_size == 1536 and reference.config.num_attention_heads == 12
         with torch.no_grad():
             assert max_difference(entry["expected"], reference(**inputs)) <= TOLERANCE, architecture
@@ -227,3 +228,27 @@ def test_export_cli_round_trips_through_our_loader(pruned_folders, tmp_path) -> 
         assert (set(model.config.heads_per_layer) == {12}) == (fmt == "padded")
         got = our_outputs(model, pruned_folders["inputs"])["logits"]
         assert (got - source["expected"]["logits"]).abs().max() <= TOLERANCE
+
+
+def test_slimming_coefficients_are_folded_into_the_export(tmp_path) -> None:
+    """A searched model (coefficients != 1) exports as the function it computes: W_O / W2 columns scaled."""
+    torch.manual_seed(3)
+    model = BertForPreTraining(BertConfig(vocab_size=61, hidden_size=40, num_hidden_layers=3, num_attention_heads=5,
+                                          intermediate_size=64, max_position_embeddings=32, heads_per_layer=[5, 2, 3],
+                                          ffn_per_layer=[64, 9, 31], slimming=True)).eval()
+    with torch.no_grad():
+        for _, _, coefficients in model.slimming_coefficients():
+            coefficients.uniform_(0.0, 2.0)
+    save_pretrained(model, tmp_path / "searched")
+    ids = torch.randint(1, 61, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        expected = model(ids, torch.zeros_like(ids), mask).prediction_logits
+        out = export_model(tmp_path / "searched", tmp_path / "padded", "padded")
+        reference = transformers.BertForPreTraining.from_pretrained(out).eval()
+        assert (reference(input_ids=ids, attention_mask=mask).prediction_logits - expected).abs().max() <= TOLERANCE
+        compact = load_pretrained(BertForPreTraining, export_model(tmp_path / "searched", tmp_path / "c", "compact"))
+        assert not compact.config.slimming and compact.config.heads_per_layer == [5, 2, 3]
+        assert (compact.eval()(ids, torch.zeros_like(ids), mask).prediction_logits - expected).abs().max() <= TOLERANCE
+
