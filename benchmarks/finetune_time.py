@@ -24,7 +24,7 @@ import statistics
 import torch
 
 from earlybert_pretrain.config import OptimizerConfig
-from earlybert_pretrain.finetune.config import FinetuneConfig, resolve_heads_to_prune
+from earlybert_pretrain.finetune.config import FinetuneSearchConfig
 from earlybert_pretrain.finetune.models import BertForSequenceClassification
 from earlybert_pretrain.model.bert import BertConfig
 from earlybert_pretrain.tickets.draw import l1_penalty, random_ticket
@@ -84,7 +84,7 @@ def main() -> None:
     else:
         dense = BertForSequenceClassification(BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     config = dense.config
-    heads_to_prune = resolve_heads_to_prune(FinetuneConfig(model_dir="-"), config)
+    heads_to_prune = FinetuneSearchConfig().heads_to_prune_for(config)
     ticket = random_ticket(config, heads_to_prune, args.ffn_ratio, "global", seed=0)
     pruned = prune(dense, ticket)
     searched = copy.deepcopy(dense)

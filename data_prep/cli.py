@@ -1,8 +1,8 @@
 """``earlybert-prep``: the data pipeline's command line (download, extract, sentences, vocab, shard, all).
 
 Every subcommand is idempotent (a stage whose manifest matches its parameters is skipped) and resumable (files are
-renamed into place when complete; a rerun keeps them and does the rest). User errors print ``error: ...`` and
-exit with status 2.
+renamed into place when complete; a rerun keeps them and does the rest). User errors print one line,
+``earlybert-prep: error: ...``, and exit with status 2.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from data_prep.common import PrepError
+from earlybert_pretrain.errors import UserError
 
 DUMP_SUFFIXES = (".xml.bz2", ".xml")
 
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         produced = run(args)
-    except PrepError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # anything else is a bug: it keeps its traceback
+        print(f"earlybert-prep: error: {exc}", file=sys.stderr)
         return 2
     print(produced)
     return 0

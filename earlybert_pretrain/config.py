@@ -1,9 +1,11 @@
 """Configuration: dataclasses with the paper's defaults, YAML files that override them, ``key=value`` on the CLI.
 
 ``load_config(PretrainConfig, "configs/pretrain_bert_base.yaml", ["phase1.lr=1e-3"])`` reads the YAML, applies the
-dotted overrides and builds the nested dataclasses, checking every key and type. An unknown key is refused with the
-closest known one suggested. In a YAML file, ``model: bert-base.yaml`` names a model file (looked up beside the
-config file, then in ``configs/``) instead of spelling the model out.
+dotted overrides and builds the nested dataclasses, checking every key and type in one place (``_coerce``): an
+unknown key is refused with the closest known one suggested, a ``Literal`` field with its allowed values. Where a
+field's type is a dataclass, a string names a YAML file of that dataclass's fields (looked up beside the config file,
+then in ``configs/``): ``model: bert-base.yaml`` instead of spelling the model out. The rule follows the type, not the
+key's name. ``None`` (YAML ``null``) is "the paper's value" only where a field's comment says so; 0 always means 0.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from earlybert_pretrain.errors import ConfigError
 from earlybert_pretrain.model.bert import BertConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 T = TypeVar("T")
 
-
-class ConfigError(ValueError):
-    """A config file or override the user can fix; the message names the file or key."""
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 on GPUs that have it, fp16 on V100, fp32 on CPU
+FfnScope = Literal["global", "layerwise"]
+SearchStop = Literal["fixed", "early-bird"]
 
 
 @dataclass
@@ -49,41 +52,58 @@ class PhaseConfig:
     lr: float = 6e-3
     warmup: float = 0.2843
     max_predictions: int = 20
+    # Phase 2 continues from phase 1's fp32 weights and LAMB moments, restarting only the schedule (NVIDIA's
+    # recipe); true starts it with a fresh optimizer from phase 1's weights instead.
+    reset_optimizer: bool = False
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "lamb"  # lamb | adamw
+    name: Literal["lamb", "adamw"] = "lamb"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-6
     weight_decay: float = 0.01  # not on biases and LayerNorm
     decay_power: float = 0.5  # polynomial decay after warmup (NVIDIA's BERT recipe)
     grad_clip: float = 1.0
-    fused: str = "auto"  # auto | apex | deepspeed | torch
+    fused: Literal["auto", "apex", "deepspeed", "torch"] = "auto"
 
 
 @dataclass
 class SearchConfig:
-    """Search and draw (paper Sec. 3.2 and 4.3: 400 steps of phase 1, lambda 1e-4, 4 heads / 30% FFN for base)."""
+    """The slimming search and draw, as both recipes run it; defaults are pre-training's (paper Sec. 3.2 and 4.3:
+    400 steps of phase 1, lambda 1e-4, 4 heads per layer / 30% FFN for BERT-base). Fine-tuning's defaults are in
+    ``finetune.config.FinetuneSearchConfig``.
 
-    steps: int = 400
+    ``heads_to_prune``: a whole number is the count of heads pruned in every layer (0 prunes none); a value in
+    (0, 1) is the fraction of each layer's heads; ``None`` is the paper's count for the model's size (4 of 12 heads,
+    6 of 16, a third otherwise; see ``heads_to_prune_for``).
+    """
+
+    steps: int | None = 400  # None: fine-tuning only, search for ``epochs`` of an epoch instead
     lam: float = 1e-4
     lam_ffn: float | None = None  # None: the same lambda for heads and FFN neurons (Eq. 4)
-    heads_to_prune: float = 4  # an integer count per layer, or a ratio in (0, 1)
+    heads_to_prune: float | None = 4
     ffn_ratio: float = 0.3
-    ffn_scope: str = "global"  # global | layerwise
+    ffn_scope: FfnScope = "global"
     # Round each layer's kept FFN width to a multiple of this (total kept within half a multiple of the ratio):
     # widths off a multiple of 8 ran ~15% slower per FLOP (benchmarks/pruned_vs_dense.py); 1 = exact widths.
     ffn_multiple_of: int = 8
     record_every: int = 10  # draw a ticket and feed the early-bird detector every this many steps
-    stop: str = "fixed"  # fixed | early-bird
+    stop: SearchStop = "fixed"  # early-bird: stop when the detector fires (then ``steps`` is the cap)
     early_bird_window: int = 5
     early_bird_eps: float = 0.1
+
+    def heads_to_prune_for(self, model: BertConfig) -> float:
+        """``heads_to_prune``, or when it is None the paper's count for ``model`` (Sec. 4.2: 4 of 12, 6 of 16)."""
+        if self.heads_to_prune is not None:
+            return self.heads_to_prune
+        heads = model.num_attention_heads
+        return {12: 4, 16: 6}.get(heads, max(1, round(heads / 3)))
 
 
 @dataclass
 class EngineConfig:
-    precision: str = "auto"  # auto (bf16 on Ampere+, fp16 on V100, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: Precision = "auto"
     zero_stage: int = 0  # LAMB's per-tensor trust ratio is wrong under ZeRO >= 1 partitions
     compile: bool = False  # torch.compile the encoder
     checkpoint_every: int = 200
@@ -101,18 +121,30 @@ class PretrainConfig:
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig = field(default_factory=lambda: PhaseConfig(
         seq_len=512, global_batch_size=32768, micro_batch_size=16, lr=4e-3, warmup=0.128, max_predictions=80))
-    mode: str = "earlybert"  # earlybert | dense | random | ticket
+    mode: Literal["earlybert", "dense", "random", "ticket"] = "earlybert"
     ticket: str | None = None  # a ticket.json to train (mode "ticket")
     total_steps: int = 8601  # Sec. 4.1
-    preset: str = "paper"  # paper: 9/10 of the steps at seq 128; nvidia: 7,038 + 1,563
+    preset: Literal["paper", "nvidia"] = "paper"  # paper: 9/10 of the steps at seq 128; nvidia: 7,038 + 1,563
     pruned_step_fraction: float = 0.8  # Sec. 4.3: EarlyBERT trains 80% of the default steps in both phases
-    reinit: str = "rewind"  # rewind to the search's initial weights (theta_0) | random
+    reinit: Literal["rewind", "random"] = "rewind"  # rewind to the search's initial weights (theta_0), or random
     output_dir: str = "runs/earlybert"
     seed: int = 42
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(allowed) for allowed in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass a field of type ``tp`` holds (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        found = [option for option in typing.get_args(tp) if dataclasses.is_dataclass(option)]
+        return found[0] if len(found) == 1 else None
+    return None
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -137,11 +169,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(item, item_type, f"{where}[{i}]") for i, item in enumerate(value)]
     if tp is Any:
         return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if any(value == option and type(value) is type(option) for option in allowed):
+            return value
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields or the name of a YAML file of "
+                              f"them, got {value!r}")
         return build_dataclass(tp, value, where)
     if tp is float:
         # YAML 1.1 reads "2e-3" (no dot) as a string; accept any spelling Python's float() accepts.
@@ -194,11 +232,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _resolve_model_file(name: str, base_dir: Path) -> dict:
+def _read_named_file(name: str, cls: type, base_dir: Path, where: str) -> dict:
     for candidate in (base_dir / name, CONFIG_DIR / name, Path(name)):
         if candidate.is_file():
-            return read_yaml(candidate)
-    raise ConfigError(f"model file {name!r} not found beside the config ({base_dir}) or in {CONFIG_DIR}")
+            return _expand_files(cls, read_yaml(candidate), candidate.parent, str(candidate))
+    raise ConfigError(f"{where}: {cls.__name__} file {name!r} not found beside the config ({base_dir}) or in "
+                      f"{CONFIG_DIR}")
+
+
+def _expand_files(cls: type, values: dict, base_dir: Path, where: str) -> dict:
+    """Replace each string given for a dataclass-typed field of ``cls`` (at any depth) by the YAML file it names."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        inner = _dataclass_in(hints[key]) if key in hints else None
+        if inner is not None and isinstance(value, str):
+            values[key] = _read_named_file(value, inner, base_dir, f"{where}.{key}")
+        elif inner is not None and isinstance(value, dict):
+            _expand_files(inner, value, base_dir, f"{where}.{key}")
+    return values
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -211,8 +262,6 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    if isinstance(values.get("model"), str):
-        values["model"] = _resolve_model_file(values["model"], path.parent)
     return values
 
 
@@ -228,13 +277,13 @@ def _set_dotted(values: dict, keys: list[str], value: Any, text: str) -> None:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides; every key and type checked."""
-    values = read_yaml(path) if path else {}
     where = str(path) if path else "config"
+    base_dir = Path(path).parent if path else CONFIG_DIR
+    values = _expand_files(cls, read_yaml(path) if path else {}, base_dir, where)
     for text in overrides:
         keys, value = parse_override(text)
-        if keys == ["model"] and isinstance(value, str):
-            value = _resolve_model_file(value, Path(path).parent if path else CONFIG_DIR)
         _set_dotted(values, keys, value, text)
+        _expand_files(cls, values, base_dir, where)  # a file named by this override, before the next one refines it
     return build_dataclass(cls, values, where)
 
 

@@ -163,7 +163,7 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nope.xml.bz2"
     assert main(["extract", "--input", str(missing), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and str(missing) in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("earlybert-prep: error: ") and str(missing) in err and len(err.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------- sentences

@@ -15,6 +15,7 @@ import logging
 import sys
 
 from earlybert_pretrain.config import load_config
+from earlybert_pretrain.errors import UserError
 from earlybert_pretrain.finetune.config import MODES, FinetuneConfig
 from earlybert_pretrain.finetune.tasks import TASKS
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         metrics = run(config)
-    except ValueError as err:
+    except UserError as err:  # anything else is a bug: it keeps its traceback
         print(f"earlybert-finetune: error: {err}", file=sys.stderr)
         return 2
     scores = ", ".join(f"{split}: " + ", ".join(f"{name} {value:.2f}" for name, value in values.items())

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import datasets
 
+from earlybert_pretrain.errors import ConfigError, DataError
 from earlybert_pretrain.finetune.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def _read_glue_tsv(path: Path, task: TaskSpec) -> tuple[datasets.Dataset, int]:
     with open(path, encoding="utf-8-sig", newline="") as handle:  # utf-8-sig: MRPC's files start with a BOM
         rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
-        raise ValueError(f"{path}: empty TSV file")
+        raise DataError(f"{path}: empty TSV file")
     known = set(task.text_columns) | {"label"} | set(task.tsv_columns)
     if task.tsv_headerless and not known & set(rows[0]):
         header = list(task.tsv_headerless)  # CoLA's train/dev files have no header line
@@ -56,7 +57,7 @@ def _read_squad_json(path: Path) -> datasets.Dataset:
     try:
         articles = json.loads(path.read_text(encoding="utf-8"))["data"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a SQuAD v1.1 JSON file ({type(err).__name__}: {err})") from None
+        raise DataError(f"{path}: not a SQuAD v1.1 JSON file ({type(err).__name__}: {err})") from None
     rows = {"id": [], "title": [], "context": [], "question": [], "answers": []}
     for article in articles:
         for paragraph in article["paragraphs"]:
@@ -74,13 +75,13 @@ def read_file(path: str | Path, task: TaskSpec) -> tuple[datasets.Dataset, int]:
     """The file's rows and how many malformed rows were skipped (GLUE TSV only)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: data file not found")
+        raise DataError(f"{path}: data file not found")
     if path.suffix == ".tsv":
         return _read_glue_tsv(path, task)
     if task.kind == "squad" and path.suffix == ".json" and '"paragraphs"' in path.read_text(encoding="utf-8")[:100000]:
         return _read_squad_json(path), 0
     if path.suffix not in _LOADERS:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .tsv, .json, .jsonl, .csv or "
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected .tsv, .json, .jsonl, .csv or "
                          ".parquet")
     return datasets.load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train"), 0
 
@@ -110,7 +111,7 @@ def _label_ids(values: list, task: TaskSpec, where: str) -> list[int]:
         else:
             bad.append(value)
     if bad:
-        raise ValueError(f"{where}: {len(bad)} label(s) outside the task's set {list(task.labels)} "
+        raise DataError(f"{where}: {len(bad)} label(s) outside the task's set {list(task.labels)} "
                          f"(or ids 0..{len(task.labels) - 1}), e.g. {bad[:5]}")
     return ids
 
@@ -121,7 +122,7 @@ def _regression_targets(values: list, where: str) -> list[float]:
         try:
             targets.append(float(value))
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: regression label {value!r} is not a number") from None
+            raise DataError(f"{where}: regression label {value!r} is not a number") from None
     return targets
 
 
@@ -144,7 +145,7 @@ def prepare(dataset: datasets.Dataset, task: TaskSpec, where: str, text_columns:
     required = list(task.text_columns) + (["id", "answers"] if task.kind == "squad" else ["label"])
     missing = [name for name in required if name not in dataset.column_names]
     if missing:
-        raise ValueError(f"{where}: missing column(s) {missing} for task {task.name!r}; the file has "
+        raise DataError(f"{where}: missing column(s) {missing} for task {task.name!r}; the file has "
                          f"{dataset.column_names} (map yours with data.text_columns / data.label_column)")
     if task.kind == "squad":
         return dataset, _count_unanswerable(dataset)
@@ -155,7 +156,7 @@ def prepare(dataset: datasets.Dataset, task: TaskSpec, where: str, text_columns:
     dataset = dataset.select_columns(keep).add_column("label", converted)
     for column in task.text_columns:
         if any(text is None for text in list(dataset[column])):
-            raise ValueError(f"{where}: column {column!r} has empty (null) texts")
+            raise DataError(f"{where}: column {column!r} has empty (null) texts")
     return dataset, 0
 
 
@@ -163,13 +164,13 @@ def _sources(task: TaskSpec, train_file: str, validation_files: list[str], data_
     """Split name -> file (None: take it from the hub)."""
     splits = ("train", *task.eval_splits)
     if validation_files and len(validation_files) != len(task.eval_splits):
-        raise ValueError(f"data.validation_files: task {task.name!r} evaluates on {len(task.eval_splits)} split(s) "
+        raise ConfigError(f"data.validation_files: task {task.name!r} evaluates on {len(task.eval_splits)} split(s) "
                          f"{list(task.eval_splits)}, got {len(validation_files)} file(s)")
     chosen = dict(zip(splits, [train_file or None, *(validation_files or [None] * len(task.eval_splits))]))
     if data_dir:
         folder = Path(data_dir)
         if not folder.is_dir():
-            raise ValueError(f"data.data_dir: {folder} is not a folder")
+            raise ConfigError(f"data.data_dir: {folder} is not a folder")
         for split in splits:
             if chosen[split] is None:
                 chosen[split] = str(folder / task.tsv_files[split])
@@ -177,8 +178,8 @@ def _sources(task: TaskSpec, train_file: str, validation_files: list[str], data_
 
 
 def load_task_data(task: TaskSpec, train_file: str = "", validation_files: list[str] = (), data_dir: str = "",
-                   text_columns: list[str] = (), label_column: str = "", max_train_examples: int = 0,
-                   max_eval_examples: int = 0, need_train: bool = True) -> TaskData:
+                   text_columns: list[str] = (), label_column: str = "", max_train_examples: int | None = None,
+                   max_eval_examples: int | None = None, need_train: bool = True) -> TaskData:
     sources = _sources(task, train_file, list(validation_files), data_dir)
     if not need_train:
         sources.pop("train")
@@ -191,7 +192,7 @@ def load_task_data(task: TaskSpec, train_file: str = "", validation_files: list[
                 try:
                     hub = datasets.load_dataset(*task.hub)
                 except Exception as err:  # offline, or the hub refused: say which files would do instead
-                    raise ValueError(f"task {task.name!r}: no local data given (data.data_dir / data.train_file / "
+                    raise ConfigError(f"task {task.name!r}: no local data given (data.data_dir / data.train_file / "
                                      f"data.validation_files) and the hub copy {task.hub} cannot be loaded "
                                      f"({type(err).__name__}: {err})") from None
             raw, where, malformed = hub[split], f"hub {'/'.join(task.hub)}[{split}]", 0
@@ -201,7 +202,7 @@ def load_task_data(task: TaskSpec, train_file: str = "", validation_files: list[
             result.skipped[f"{split}/malformed_tsv_rows"] = malformed
             logger.warning("%s: skipped %d row(s) with fewer fields than the header", where, malformed)
         limit = max_train_examples if split == "train" else max_eval_examples
-        if limit and len(raw) > limit:
+        if limit is not None and len(raw) > limit:
             raw = raw.select(range(limit))
         dataset, unanswerable = prepare(raw, task, str(where), text_columns, label_column)
         if unanswerable:

@@ -13,10 +13,11 @@ from pathlib import Path
 import datasets
 import torch
 
+from earlybert_pretrain.errors import ModelFolderError
 from earlybert_pretrain.finetune.tasks import TaskSpec
 
 
-class MissingTokenizerError(ValueError):
+class MissingTokenizerError(ModelFolderError):
     """The model folder has neither tokenizer.json nor vocab.txt."""
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from earlybert_pretrain.errors import ConfigError
 
-class UnknownTaskError(ValueError):
+
+class UnknownTaskError(ConfigError):
     """A task name that is not in the registry; the message lists the known ones."""
 
 

@@ -23,7 +23,7 @@ import torch
 
 from earlybert_pretrain.common.files import atomic_write_json
 from earlybert_pretrain.config import OptimizerConfig
-from earlybert_pretrain.finetune.config import FinetuneConfig, resolve_heads_to_prune, resolve_schedule
+from earlybert_pretrain.finetune.config import FinetuneConfig, resolve_max_seq_length, resolve_schedule
 from earlybert_pretrain.finetune.data import TaskData, load_task_data
 from earlybert_pretrain.finetune.features import encode_classification, load_tokenizer
 from earlybert_pretrain.finetune.loop import TrainBatches, model_inputs, predict, score, train_batches
@@ -53,7 +53,7 @@ def _encode(task: TaskSpec, examples: datasets.Dataset, tokenizer, config: Finet
             squad: SquadSettings, training: bool) -> datasets.Dataset:
     if task.kind == "squad":
         return build_features(examples, tokenizer, squad, training)
-    return encode_classification(examples, task, tokenizer, config.max_seq_length or 128)
+    return encode_classification(examples, task, tokenizer, resolve_max_seq_length(config, task))
 
 
 def _check_vocab(tokenizer, model_vocab_size: int, folder: str) -> None:
@@ -183,7 +183,7 @@ def _search(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches
     """EarlyBERT's search for fine-tuning (Sec. 3.2, 4.2) on a copy of the pre-trained model with slimming
     coefficients, at the dense learning rate held constant; the copy is thrown away after the draw."""
     settings = config.search
-    planned = settings.steps if settings.steps else max(1, math.ceil(settings.epochs * batches.steps_per_epoch))
+    planned = settings.planned_steps(batches.steps_per_epoch)
     warnings = []
     if planned < settings.warn_below_steps and settings.stop == "fixed":
         warnings.append(
@@ -193,9 +193,10 @@ def _search(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches
         logger.warning(warnings[-1])
     searched = copy.deepcopy(model)
     searched.add_slimming_coefficients()
-    search = SlimmingSearch(settings, resolve_heads_to_prune(config, model.config), planned, searched.config,
+    search = SlimmingSearch(settings, settings.heads_to_prune_for(model.config), planned, searched.config,
                             tensorboard)
-    stage_settings = _stage_settings(config, "search", settings.lr or lr, Schedule(planned, kind=None), runtime)
+    search_lr = lr if settings.lr is None else settings.lr
+    stage_settings = _stage_settings(config, "search", search_lr, Schedule(planned, kind=None), runtime)
     with Stage.build(searched, stage_settings, runtime, tensorboard) as stage:
         result = stage.run(_open_batches(batches, task, runtime.device), planned, [search])
     outcome = search.finish(result.steps)
@@ -207,7 +208,7 @@ def _ticket(config: FinetuneConfig, model, search: SearchOutcome | None) -> Tick
     if search is not None:
         return search.ticket
     if config.mode == "random":
-        return random_ticket(model.config, resolve_heads_to_prune(config, model.config), config.search.ffn_ratio,
+        return random_ticket(model.config, config.search.heads_to_prune_for(model.config), config.search.ffn_ratio,
                              config.search.ffn_scope, seed=config.seed, ffn_multiple_of=config.search.ffn_multiple_of)
     if config.mode == "ticket":
         return Ticket.load(config.ticket)
@@ -225,7 +226,7 @@ def run(config: FinetuneConfig) -> dict:
     output = Path(config.output_dir)
     tokenizer = load_tokenizer(config.model_dir)
     pad_id = tokenizer.pad_token_id
-    squad = SquadSettings(config.max_seq_length or 384, config.doc_stride, config.max_query_length,
+    squad = SquadSettings(resolve_max_seq_length(config, task), config.doc_stride, config.max_query_length,
                           config.n_best_size, config.max_answer_length)
     data, train_features, eval_sets = _prepare_data(config, task, tokenizer, squad)
     model = build_task_model(task.kind, config.model_dir, task.num_labels)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from earlybert_pretrain.common.tokens import IGNORE_INDEX
+from earlybert_pretrain.errors import ConfigError
 
 # Max predictions per sequence over sequence length: 20/128 and 80/512 in the BERT recipe (Sec. 4.1 setting).
 DEFAULT_MASKED_FRACTION = 20 / 128
@@ -61,31 +62,31 @@ class BertConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise one ValueError naming the field and what was expected."""
+        """Raise one ConfigError naming the field and what was expected."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"BertConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"BertConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})")
         for name, values in (("heads_per_layer", self.heads_per_layer), ("ffn_per_layer", self.ffn_per_layer)):
             if len(values) != self.num_hidden_layers:
-                raise ValueError(
+                raise ConfigError(
                     f"BertConfig.{name} has {len(values)} entries, expected one per layer "
                     f"(num_hidden_layers={self.num_hidden_layers})")
         for layer, heads in enumerate(self.heads_per_layer):
             if not 1 <= heads <= self.num_attention_heads:
-                raise ValueError(
+                raise ConfigError(
                     f"BertConfig.heads_per_layer[{layer}] = {heads}, expected 1..num_attention_heads "
                     f"({self.num_attention_heads})")
         for layer, width in enumerate(self.ffn_per_layer):
             if width < 1:
-                raise ValueError(f"BertConfig.ffn_per_layer[{layer}] = {width}, expected >= 1")
+                raise ConfigError(f"BertConfig.ffn_per_layer[{layer}] = {width}, expected >= 1")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
-                raise ValueError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)}")
 
     @property
     def head_size(self) -> int:
@@ -105,7 +106,7 @@ class BertConfig:
         """From a ``transformers.BertConfig`` (or anything with its attributes)."""
         act = getattr(hf_config, "hidden_act", "gelu")
         if act != "gelu":
-            raise ValueError(f"hidden_act={act!r} is not supported: this BERT uses the exact (erf) GELU, 'gelu'")
+            raise ConfigError(f"hidden_act={act!r} is not supported: this BERT uses the exact (erf) GELU, 'gelu'")
         return cls.from_dict(hf_config.to_dict())
 
 

@@ -38,7 +38,7 @@ from data_prep.indexed import IndexedShard, load_manifest, verify_shard
 from data_prep.indexed import check_vocab as check_vocab  # the recipe's import; data_prep.indexed defines it
 from earlybert_pretrain.common.files import sha256_file
 from earlybert_pretrain.common.tokens import IGNORE_INDEX, SPECIAL_TOKENS
-from earlybert_pretrain.errors import DataError
+from earlybert_pretrain.errors import ConfigError, DataError
 
 RANDOM_NEXT_TRIES = 10
 
@@ -52,7 +52,7 @@ class ShardedCorpus:
         manifest = load_manifest(self.shard_dir)
         entries = manifest["splits"].get(split) or []
         if not entries:
-            raise ValueError(f"{self.manifest_path}: no shards for split '{split}'")
+            raise DataError(f"{self.manifest_path}: no shards for split '{split}'")
         self.split = split
         self.vocab_size: int = manifest["vocab"]["size"]
         self.vocab_path = self.shard_dir / manifest["vocab"]["file"]
@@ -72,15 +72,15 @@ class ShardedCorpus:
 
     def _read_vocab(self, expected_sha256: str) -> list[str]:
         if not self.vocab_path.is_file():
-            raise ValueError(f"{self.vocab_path}: vocab file named in {self.manifest_path} not found")
+            raise DataError(f"{self.vocab_path}: vocab file named in {self.manifest_path} not found")
         if sha256_file(self.vocab_path) != expected_sha256:
-            raise ValueError(f"{self.vocab_path}: sha256 differs from the one in {self.manifest_path}")
+            raise DataError(f"{self.vocab_path}: sha256 differs from the one in {self.manifest_path}")
         tokens = self.vocab_path.read_text(encoding="utf-8").rstrip("\n").split("\n")
         missing = [t for t in SPECIAL_TOKENS if t not in tokens]
         if missing:
-            raise ValueError(f"{self.vocab_path}: vocab lacks the special token(s) {', '.join(missing)}")
+            raise DataError(f"{self.vocab_path}: vocab lacks the special token(s) {', '.join(missing)}")
         if len(tokens) != self.vocab_size:
-            raise ValueError(f"{self.vocab_path}: {len(tokens)} tokens, {self.manifest_path} says {self.vocab_size}")
+            raise DataError(f"{self.vocab_path}: {len(tokens)} tokens, {self.manifest_path} says {self.vocab_size}")
         return tokens
 
     def _open_shard(self, entry: dict[str, Any], verify: str) -> IndexedShard:
@@ -91,7 +91,7 @@ class ShardedCorpus:
         if (shard.num_documents, shard.num_sentences, shard.num_tokens) != (
             entry["documents"], entry["sentences"], entry["tokens"]
         ):
-            raise ValueError(f"{shard.idx_path}: document/sentence/token counts disagree with {self.manifest_path}")
+            raise DataError(f"{shard.idx_path}: document/sentence/token counts disagree with {self.manifest_path}")
         return shard
 
     def sentence_lengths(self, doc: int) -> np.ndarray:
@@ -107,7 +107,7 @@ class ShardedCorpus:
         stop = int(shard.sentence_offsets[first + end - 1] + shard.sentence_lengths[first + end - 1])
         tokens = np.asarray(shard.tokens[start:stop], dtype=np.int64)
         if len(tokens) and tokens.max() >= self.vocab_size:
-            raise ValueError(f"{shard.bin_path}: token id {int(tokens.max())} >= vocab size {self.vocab_size}")
+            raise DataError(f"{shard.bin_path}: token id {int(tokens.max())} >= vocab size {self.vocab_size}")
         return tokens
 
 
@@ -135,7 +135,7 @@ def build_sample_plan(corpus: ShardedCorpus, max_seq_len: int, short_seq_prob: f
                     plan[-1] = (last_doc, last_begin, end, last_goal)
                 begin, current, goal = end, 0, target()
     if not plan:
-        raise ValueError(f"{corpus.manifest_path}: no document of split '{corpus.split}' has two sentences")
+        raise DataError(f"{corpus.manifest_path}: no document of split '{corpus.split}' has two sentences")
     return np.asarray(plan, dtype=np.int64)
 
 
@@ -179,7 +179,7 @@ class PretrainingBatches:
         if start_sample % world_size:
             raise ValueError(f"start_sample {start_sample} is not a multiple of world_size {world_size}")
         if max_seq_len < 8:
-            raise ValueError(f"max_seq_len {max_seq_len} is too short for [CLS] A [SEP] B [SEP]")
+            raise ConfigError(f"max_seq_len {max_seq_len} is too short for [CLS] A [SEP] B [SEP]")
         self.corpus = corpus
         self.max_seq_len = max_seq_len
         self.max_predictions = max_predictions

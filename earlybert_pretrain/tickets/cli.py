@@ -17,7 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from earlybert_pretrain.config import build_dataclass, read_yaml
+from earlybert_pretrain.config import PretrainConfig, load_config, read_yaml
+from earlybert_pretrain.errors import UserError
 from earlybert_pretrain.model.bert import BertConfig
 from earlybert_pretrain.model.export import FORMATS, apply_ticket, export_model
 from earlybert_pretrain.model.hf import read_config
@@ -34,10 +35,9 @@ def load_model_config(path: str) -> BertConfig:
         return read_config(location)
     if location.suffix == ".json":
         return read_config(location.parent)
-    values = read_yaml(location)
-    if isinstance(values.get("model"), dict):
-        return build_dataclass(BertConfig, values["model"], f"{path}: model")
-    return build_dataclass(BertConfig, values, str(path))
+    if "model" in read_yaml(location):  # a pre-training recipe: its model section, or the model file it names
+        return load_config(PretrainConfig, location).model
+    return load_config(BertConfig, location)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except ValueError as err:
+    except UserError as err:  # anything else is a bug: it keeps its traceback
         print(f"earlybert-ticket {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from earlybert_pretrain.errors import ConfigError, TicketError
+
 if TYPE_CHECKING:
     from earlybert_pretrain.tickets.ticket import Ticket
 
@@ -30,7 +32,7 @@ def masks_distance(a_masks: tuple[np.ndarray, np.ndarray],
 def check_same_geometry(a: Ticket, b: Ticket) -> None:
     for name in ("heads_per_layer", "ffn_per_layer"):
         if a.source_geometry[name] != b.source_geometry[name]:
-            raise ValueError(f"mask_distance: the tickets were drawn from different geometries ({name} "
+            raise TicketError(f"mask_distance: the tickets were drawn from different geometries ({name} "
                              f"{a.source_geometry[name]} vs {b.source_geometry[name]})")
 
 
@@ -51,9 +53,9 @@ class EarlyBirdDetector:
 
     def __init__(self, window: int = 5, eps: float = 0.1):
         if int(window) != window or window < 2:
-            raise ValueError(f"EarlyBirdDetector window must be an integer >= 2, got {window}")
+            raise ConfigError(f"EarlyBirdDetector window must be an integer >= 2, got {window}")
         if not 0.0 < eps <= 1.0:
-            raise ValueError(f"EarlyBirdDetector eps must be in (0, 1], got {eps}")
+            raise ConfigError(f"EarlyBirdDetector eps must be in (0, 1], got {eps}")
         self.window, self.eps = int(window), float(eps)
         self._earlier: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=self.window - 1)
         self._first: Ticket | None = None

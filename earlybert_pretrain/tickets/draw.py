@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from earlybert_pretrain.errors import ConfigError
 from earlybert_pretrain.model.bert import BertConfig, BertPreTrainedModel
 from earlybert_pretrain.tickets.ticket import FFN_SCOPES, NO_COEFFICIENTS_HINT, Ticket, geometry_of
 
@@ -47,7 +48,7 @@ def gather_coefficients(model: BertPreTrainedModel) -> dict[str, list[torch.Tens
 def _check_ratio(name: str, ratio: float) -> float:
     ratio = float(ratio)
     if not 0.0 <= ratio < 1.0:  # also refuses NaN
-        raise ValueError(f"{name} must be a fraction in [0, 1), got {ratio}")
+        raise ConfigError(f"{name} must be a fraction in [0, 1), got {ratio}")
     return ratio
 
 
@@ -64,11 +65,11 @@ def _heads_to_prune_per_layer(heads_to_prune: float, heads_per_layer: list[int])
     elif 0.0 < value < 1.0:
         counts = [_prune_count(value, heads) for heads in heads_per_layer]
     else:
-        raise ValueError(f"heads_to_prune must be a whole number of heads per layer or a ratio in (0, 1), "
+        raise ConfigError(f"heads_to_prune must be a whole number of heads per layer or a ratio in (0, 1), "
                          f"got {heads_to_prune}")
     for layer, (count, heads) in enumerate(zip(counts, heads_per_layer)):
         if count >= heads:
-            raise ValueError(f"heads_to_prune={heads_to_prune} would prune {count} of the {heads} heads in layer "
+            raise ConfigError(f"heads_to_prune={heads_to_prune} would prune {count} of the {heads} heads in layer "
                              f"{layer}; at least one head must survive")
     return counts
 
@@ -124,9 +125,9 @@ def _draw_from_scores(head_scores: list[torch.Tensor], ffn_scores: list[torch.Te
                       **metadata) -> Ticket:
     ffn_ratio = _check_ratio("ffn_ratio", ffn_ratio)
     if ffn_scope not in FFN_SCOPES:
-        raise ValueError(f"ffn_scope={ffn_scope!r}, expected one of {FFN_SCOPES}")
+        raise ConfigError(f"ffn_scope={ffn_scope!r}, expected one of {FFN_SCOPES}")
     if int(ffn_multiple_of) != ffn_multiple_of or ffn_multiple_of < 1:
-        raise ValueError(f"ffn_multiple_of must be a positive integer, got {ffn_multiple_of}")
+        raise ConfigError(f"ffn_multiple_of must be a positive integer, got {ffn_multiple_of}")
     heads_kept = _prune_layerwise(head_scores, _heads_to_prune_per_layer(heads_to_prune, config.heads_per_layer))
     if ffn_scope == "global":
         ffn_kept, rescued = _prune_global(ffn_scores, ffn_ratio)
@@ -155,7 +156,7 @@ def _checked_coefficients(coefficients: Mapping, config: BertConfig) -> tuple[li
                 raise ValueError(f"coefficients[{kind!r}][{layer}] has {values.numel()} entries, the config "
                                  f"expects {size}")
             if not torch.isfinite(values).all():
-                raise ValueError(f"coefficients[{kind!r}][{layer}] contains NaN or infinite values; the search "
+                raise ConfigError(f"coefficients[{kind!r}][{layer}] contains NaN or infinite values; the search "
                                  f"diverged (lower the learning rate or lambda)")
             checked[kind].append(values.abs())
     return checked["head"], checked["ffn"]

@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from earlybert_pretrain.common.files import atomic_path, atomic_write_text, read_json
+from earlybert_pretrain.errors import TicketError
 from earlybert_pretrain.tickets.distance import DISTANCE_KINDS, check_same_geometry, masks_distance
 from earlybert_pretrain.tickets.ticket import Ticket
 
@@ -92,14 +93,14 @@ class MaskHistory:
     @classmethod
     def from_dict(cls, values: object, where: str = "mask history") -> MaskHistory:
         if not isinstance(values, dict) or values.get("format") != HISTORY_FORMAT:
-            raise ValueError(f"{where}: not a mask history (expected \"format\": \"{HISTORY_FORMAT}\")")
+            raise TicketError(f"{where}: not a mask history (expected \"format\": \"{HISTORY_FORMAT}\")")
         if values.get("version") != HISTORY_VERSION:
-            raise ValueError(f"{where}: mask history version {values.get('version')!r}, expected {HISTORY_VERSION}")
+            raise TicketError(f"{where}: mask history version {values.get('version')!r}, expected {HISTORY_VERSION}")
         steps, tickets = values.get("steps"), values.get("tickets")
         if not isinstance(steps, list) or not isinstance(tickets, list) or len(steps) != len(tickets):
-            raise ValueError(f"{where}: expected equally long 'steps' and 'tickets' lists")
+            raise TicketError(f"{where}: expected equally long 'steps' and 'tickets' lists")
         if any(b <= a for a, b in zip(steps, steps[1:])):
-            raise ValueError(f"{where}: steps are not strictly increasing")
+            raise TicketError(f"{where}: steps are not strictly increasing")
         history = cls()
         for index, (step, ticket) in enumerate(zip(steps, tickets)):
             history.add(step, Ticket.from_dict(ticket, where=f"{where}: tickets[{index}]"))
@@ -107,5 +108,5 @@ class MaskHistory:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MaskHistory:
-        return cls.from_dict(read_json(path, "mask history"), where=str(path))
+        return cls.from_dict(read_json(path, "mask history", TicketError), where=str(path))
 

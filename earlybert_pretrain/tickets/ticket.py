@@ -20,27 +20,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from earlybert_pretrain.common.files import atomic_write_text, read_json
+from earlybert_pretrain.config import FfnScope
+from earlybert_pretrain.errors import TicketError
 from earlybert_pretrain.model.bert import BertConfig
 
 TICKET_FORMAT = "earlybert-ticket"
 SCHEMA_VERSION = 1
-FFN_SCOPES = ("global", "layerwise")
+FFN_SCOPES = typing.get_args(FfnScope)
 # Geometry the kept indices refer to; check_fits compares these. The others only rebuild a config for reports.
 STRUCTURAL_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "heads_per_layer", "ffn_per_layer")
 GEOMETRY_FIELDS = STRUCTURAL_FIELDS + ("intermediate_size", "vocab_size", "max_position_embeddings",
                                        "type_vocab_size")
 NO_COEFFICIENTS_HINT = "call model.add_slimming_coefficients() or set config.slimming"
 REPORT_SEQ_LENS = (128, 512)  # the two phases of the pre-training recipe (Sec. 4.1)
-
-
-class TicketError(ValueError):
-    """A ticket that is malformed, corrupt, or drawn for another geometry; the message says which and why."""
 
 
 def geometry_of(config: BertConfig) -> dict:

@@ -10,35 +10,35 @@ from __future__ import annotations
 
 import logging
 import os
+import typing
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from earlybert_pretrain.config import Precision
+from earlybert_pretrain.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-class EngineConfigError(ValueError):
-    """An engine setting the user can fix; the message names the config field."""
+PRECISIONS = typing.get_args(Precision)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
     """fp32 | bf16 | fp16 for ``device``. ``auto``: bf16 on CUDA GPUs with bf16 (Ampere, Hopper), fp16 with dynamic loss
     scaling on older ones (V100 has no bf16), fp32 on the CPU (bf16 is emulated, hence slower, on CPUs without AMX)."""
     if requested not in PRECISIONS:
-        raise EngineConfigError(f"engine.precision: expected one of {', '.join(PRECISIONS)}, got {requested!r}")
+        raise ConfigError(f"engine.precision: expected one of {', '.join(PRECISIONS)}, got {requested!r}")
     on_cuda = torch.device(device).type == "cuda"
     if requested == "auto":
         if not on_cuda:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "fp16" and not on_cuda:
-        raise EngineConfigError("engine.precision=fp16: DeepSpeed's CPU accelerator does not support fp16; "
+        raise ConfigError("engine.precision=fp16: DeepSpeed's CPU accelerator does not support fp16; "
                                 "use engine.precision=bf16 (or fp32) on the CPU")
     if requested == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
-        raise EngineConfigError("engine.precision=bf16: this GPU has no bf16 (e.g. V100); use engine.precision=fp16")
+        raise ConfigError("engine.precision=bf16: this GPU has no bf16 (e.g. V100); use engine.precision=fp16")
     return requested
 
 
@@ -46,27 +46,27 @@ def deepspeed_config(global_batch_size: int, micro_batch_size: int, world_size: 
                      grad_clip: float, zero_stage: int, optimizer_name: str) -> dict:
     """The DeepSpeed JSON config for one phase; gradient accumulation = global / (micro * world size)."""
     if global_batch_size < 1 or micro_batch_size < 1 or world_size < 1:
-        raise EngineConfigError(f"batch sizes and world size must be >= 1, got global_batch_size={global_batch_size}, "
+        raise ConfigError(f"batch sizes and world size must be >= 1, got global_batch_size={global_batch_size}, "
                                 f"micro_batch_size={micro_batch_size}, world_size={world_size}")
     per_step = micro_batch_size * world_size
     if global_batch_size % per_step:
-        raise EngineConfigError(
+        raise ConfigError(
             f"the global batch ({global_batch_size}, phase*.global_batch_size) is not divisible by micro-batch "
             f"({micro_batch_size}, phase*.micro_batch_size) x world size ({world_size}) = {per_step}; "
             f"pick a global batch that is a multiple of {per_step}")
     if precision not in PRECISIONS[1:]:
-        raise EngineConfigError(f"engine.precision: expected fp32, bf16 or fp16 here (resolve 'auto' first with "
-                                f"resolve_precision), got {precision!r}")
+        raise ValueError(f"deepspeed_config: precision must be fp32, bf16 or fp16 here (resolve 'auto' first with "
+                         f"resolve_precision), got {precision!r}")
     if zero_stage not in (0, 1, 2, 3):
-        raise EngineConfigError(f"engine.zero_stage: expected 0..3, got {zero_stage}")
+        raise ConfigError(f"engine.zero_stage: expected 0..3, got {zero_stage}")
     if optimizer_name == "lamb" and zero_stage >= 1:
-        raise EngineConfigError(
+        raise ConfigError(
             f"engine.zero_stage={zero_stage} with LAMB: ZeRO >= 1 hands the optimizer flattened partitions, so LAMB's "
             "trust ratio would be computed per partition instead of per tensor (measured 6.7e-2 off the reference "
             "after 5 steps; ../shared/FACTS.md). Use engine.zero_stage=0 (BERT-large fits a 16 GB V100 without ZeRO) "
             "or optimizer.name=adamw")
     if grad_clip < 0:
-        raise EngineConfigError(f"optimizer.grad_clip must be >= 0 (0 = off), got {grad_clip}")
+        raise ConfigError(f"optimizer.grad_clip must be >= 0 (0 = off), got {grad_clip}")
     return {
         "train_batch_size": global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,

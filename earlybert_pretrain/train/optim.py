@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from earlybert_pretrain.config import ConfigError, OptimizerConfig
+from earlybert_pretrain.config import OptimizerConfig
+from earlybert_pretrain.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +39,13 @@ class Lamb(torch.optim.Optimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.01, use_nvlamb: bool = False):
         if lr < 0.0:
-            raise ValueError(f"Lamb: lr must be >= 0, got {lr}")
+            raise ConfigError(f"Lamb: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"Lamb: betas must be in [0, 1), got {betas}")
+            raise ConfigError(f"Lamb: betas must be in [0, 1), got {betas}")
         if eps <= 0.0:
-            raise ValueError(f"Lamb: eps must be > 0, got {eps}")
+            raise ConfigError(f"Lamb: eps must be > 0, got {eps}")
         if weight_decay < 0.0:
-            raise ValueError(f"Lamb: weight_decay must be >= 0, got {weight_decay}")
+            raise ConfigError(f"Lamb: weight_decay must be >= 0, got {weight_decay}")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.use_nvlamb = use_nvlamb

@@ -6,12 +6,14 @@ import functools
 
 import torch
 
+from earlybert_pretrain.errors import ConfigError
+
 
 def _check_schedule(total_steps: int, warmup_fraction: float) -> None:
     if total_steps < 1:
-        raise ValueError(f"schedule: total_steps must be >= 1, got {total_steps}")
+        raise ConfigError(f"schedule: total_steps must be >= 1, got {total_steps}")
     if not 0.0 <= warmup_fraction < 1.0:
-        raise ValueError(f"schedule: warmup fraction must be in [0, 1), got {warmup_fraction}")
+        raise ConfigError(f"schedule: warmup fraction must be in [0, 1), got {warmup_fraction}")
 
 
 def warmup_poly_lr(step: int, base_lr: float, total_steps: int, warmup_fraction: float, power: float = 0.5) -> float:
