@@ -160,6 +160,7 @@ AUTO_CLASSES = {"BertModel": "AutoModel", "BertForPreTraining": "AutoModelForPre
                 "BertForQuestionAnswering": "AutoModelForQuestionAnswering"}
 
 
+@pytest.mark.slow  # a fresh interpreter importing transformers and building five models: ~20 s
 def test_compact_exports_load_with_remote_code_without_this_package(pruned_folders, tmp_path) -> None:
     jobs, parameters = [], {}
     for architecture, entry in pruned_folders["folders"].items():
