@@ -229,6 +229,11 @@ def test_export_cli_round_trips_through_our_loader(pruned_folders, tmp_path) -> 
         assert (set(model.config.heads_per_layer) == {12}) == (fmt == "padded")
         got = our_outputs(model, pruned_folders["inputs"])["logits"]
         assert (got - source["expected"]["logits"]).abs().max() <= TOLERANCE
+    # A compact folder is an input too: compact -> padded loads in plain transformers.
+    assert ticket_main(["export", str(tmp_path / "compact"), str(tmp_path / "again"), "--format", "padded"]) == 0
+    reference = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "again").eval()
+    with torch.no_grad():
+        assert max_difference(source["expected"], reference(**pruned_folders["inputs"])) <= TOLERANCE
 
 
 def test_slimming_coefficients_are_folded_into_the_export(tmp_path) -> None:
