@@ -15,13 +15,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from earlybert_pretrain.common import files
 from earlybert_pretrain.common.files import atomic_write_json, read_json, remove_stale_temps
 from earlybert_pretrain.errors import UserError
-
-# shard.py and sample_dump.py still import these names from here; drop them once those import common.files directly.
-atomic_path, sha256_file = files.atomic_path, files.sha256_file
-write_json_atomic, remove_stale_tmp = atomic_write_json, remove_stale_temps
 
 MANIFEST = "manifest.json"
 

@@ -16,7 +16,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from data_prep.common import PrepError, sha256_file
+from data_prep.common import PrepError
+from earlybert_pretrain.common.files import sha256_file
 
 SAMPLE_NAME = "enwiki-sample-pages-articles.xml.bz2"
 SAMPLE_SHA256 = "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d"
