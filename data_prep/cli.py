@@ -8,14 +8,18 @@ renamed into place when complete; a rerun keeps them and does the rest). User er
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 from data_prep.common import PrepError
+from earlybert_pretrain.common.lock import hold_run_lock
+from earlybert_pretrain.common.oserrors import user_filesystem_errors
 from earlybert_pretrain.errors import UserError
 
 DUMP_SUFFIXES = (".xml.bz2", ".xml")
+ALL_STAGE_FOLDERS = ("download", "articles", "sentences", "vocab", "shards")  # what `all` writes under OUTPUT
 
 
 def _add_workers(parser: argparse.ArgumentParser) -> None:
@@ -161,10 +165,20 @@ def run(args: argparse.Namespace) -> Path:
     return Path(args.output)
 
 
+def run_locked(args: argparse.Namespace) -> Path:
+    """``run`` holding the lock of the output folder (for ``all``, of each stage folder too): one run per folder."""
+    output = Path(args.output)
+    folders = [output, *(output / name for name in ALL_STAGE_FOLDERS)] if args.command == "all" else [output]
+    with user_filesystem_errors(output), contextlib.ExitStack() as locks:
+        for folder in folders:
+            locks.enter_context(hold_run_lock(folder, f"earlybert-prep {args.command}"))
+        return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        produced = run(args)
+        produced = run_locked(args)
     except UserError as exc:  # anything else is a bug: it keeps its traceback
         print(f"earlybert-prep: error: {exc}", file=sys.stderr)
         return 2

@@ -157,6 +157,8 @@ def extract(
     """
     paths = [Path(d) for d in (dumps if isinstance(dumps, list) else [dumps])]
     out_dir = Path(out_dir)
+    if docs_per_chunk < 1:
+        raise PrepError(f"--docs-per-chunk must be >= 1 (got {docs_per_chunk})")
     for dump in paths:
         if not dump.is_file():
             raise PrepError(f"{dump}: dump file not found")

@@ -28,7 +28,10 @@ def read_vocab(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise PrepError(f"{path}: vocab file not found")
-    tokens = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    try:
+        tokens = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
+    except UnicodeDecodeError as exc:
+        raise PrepError(f"{path}: not a UTF-8 vocab file (byte {exc.start}: {exc.reason})") from None
     missing = [t for t in SPECIAL_TOKENS if t not in set(tokens)]
     if missing:
         raise PrepError(f"{path}: vocab lacks the special token(s) {', '.join(missing)}")
@@ -100,6 +103,8 @@ def build_vocab(
     else:
         if sentences_dir is None:
             raise PrepError("vocab: give the sentences directory to train on, or --vocab-file to adopt one")
+        if vocab_size <= len(SPECIAL_TOKENS):
+            raise PrepError(f"--vocab-size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
         sentences_dir = Path(sentences_dir)
         upstream = require_manifest(sentences_dir, "sentences")
         params.update(input=str(sentences_dir.resolve()), input_manifest=manifest_digest(upstream),

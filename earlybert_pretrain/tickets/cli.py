@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from earlybert_pretrain.common.oserrors import user_filesystem_errors
 from earlybert_pretrain.config import PretrainConfig, load_config, read_yaml
 from earlybert_pretrain.errors import UserError
 from earlybert_pretrain.model.bert import BertConfig
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        with user_filesystem_errors(getattr(args, "output", None) or getattr(args, "out_dir", None)):
+            args.run(args)
     except UserError as err:  # anything else is a bug: it keeps its traceback
         print(f"earlybert-ticket {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,299 @@
+"""Every CLI through a table of bad inputs: exit code 2, one line on stderr naming the file or field, no traceback,
+and the folders it was pointed at left exactly as they were (every file hashed before and after).
+
+A row is (CLI, id, setup, argv, expected fragments of the line). ``setup(case)`` builds the inputs under
+``case.root`` and returns the argv; ``{root}`` / ``{wiki}`` in an expected fragment stand for the row's folder and
+the shared real-dump build. Pre-training and fine-tuning rows go in ``ROWS`` the same way.
+"""
+
+from __future__ import annotations
+
+import bz2
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep.cli import main as prep_main
+from earlybert_pretrain.model.bert import BertConfig
+from earlybert_pretrain.tickets.cli import main as ticket_main
+from earlybert_pretrain.tickets.draw import draw_ticket
+
+pytest_plugins = ["data_fixtures"]  # the session-wide build of the real dump (inputs of the later stages)
+
+REPO = Path(__file__).resolve().parent.parent
+CLIS: dict[str, Callable[[list[str]], int]] = {"earlybert-prep": prep_main, "earlybert-ticket": ticket_main}
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@dataclass
+class Case:
+    root: Path  # the row's own folder: inputs and outputs
+    wiki: object | None  # the WikiBuild of data_fixtures, for rows that read its stages
+
+    def file(self, name: str, content: bytes | str) -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def jsonl(self, name: str, lines: list[bytes]) -> Path:
+        return self.file(name, b"\n".join(lines) + b"\n")
+
+    def ticket(self, name: str = "t.json", config: BertConfig | None = None) -> Path:
+        config = config or BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128)
+        generator = torch.Generator().manual_seed(0)
+        coefficients = {
+            "head": [torch.rand(config.num_attention_heads, generator=generator)
+                     for _ in range(config.num_hidden_layers)],
+            "ffn": [torch.rand(config.intermediate_size, generator=generator)
+                    for _ in range(config.num_hidden_layers)]}
+        path = self.root / name
+        draw_ticket(coefficients, heads_to_prune=1, ffn_ratio=0.3, config=config, step=10).save(path)
+        return path
+
+
+@dataclass
+class Row:
+    cli: str
+    id: str
+    setup: Callable[[Case], list[str]]
+    expect: tuple[str, ...]
+    wiki: bool = False  # needs the real-dump build
+    fault: str | None = None  # "enospc": every fsync fails with a full disk
+    known_defect: str | None = None  # expected to fail until the named fix lands (strict: passing is reported)
+    skip_as_root: str | None = None  # why the row cannot hold when run as root
+
+
+def _dump(case: Case, name: str, body: str) -> Path:
+    return case.file(name, bz2.compress(f"<mediawiki><siteinfo/>{body}</mediawiki>".encode()))
+
+
+def _page(k: int) -> str:
+    return (f"<page><title>Article {k}</title><ns>0</ns><id>{k}</id><revision><text>'''Article {k}''' is a "
+            "[[test]] page. It has two sentences.</text></revision></page>")
+
+
+def _all(case: Case, source: Path, *extra: str) -> list[str]:
+    return ["all", "--input", str(source), "--output", str(case.root / "out"), "--vocab-size", "200", *extra]
+
+
+def _shard(case: Case, *extra: str, vocab: str | None = None, sentences: str | None = None) -> list[str]:
+    return ["shard", "--input", sentences or str(case.wiki.sentences), "--vocab", vocab or str(case.wiki.vocab),
+            "--output", str(case.root / "shards"), *extra]
+
+
+def _vocab(case: Case, *extra: str) -> list[str]:
+    return ["vocab", "--input", str(case.wiki.sentences), "--output", str(case.root / "vocab"), *extra]
+
+
+def _locked_output(case: Case) -> list[str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom earlybert_pretrain.common.lock import hold_run_lock\n"
+         "with hold_run_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)",
+         str(case.root / "out")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    case.holder = holder
+    return ["sentences", "--input", str(case.wiki.articles), "--output", str(case.root / "out")]
+
+
+def _model_folder(case: Case) -> Path:
+    from earlybert_pretrain.model.bert import BertModel
+    from earlybert_pretrain.model.hf import save_pretrained
+
+    torch.manual_seed(0)
+    folder = case.root / "model"
+    save_pretrained(BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=16)), folder)
+    return folder
+
+
+PARAMS_FIRST = "extract writes params.json before it reads the dump (data_prep/extract.py: check the dump first)"
+PREP = "earlybert-prep"
+TICKET = "earlybert-ticket"
+ROWS = [
+    # ---- earlybert-prep extract
+    Row(PREP, "extract-missing-dump", lambda c: ["extract", "--input", str(c.root / "nope.xml.bz2"),
+                                                 "--output", str(c.root / "articles")], ("{root}/nope.xml.bz2",)),
+    Row(PREP, "extract-dump-is-a-folder", lambda c: (c.root / "d.xml.bz2").mkdir() or [
+        "extract", "--input", str(c.root / "d.xml.bz2"), "--output", str(c.root / "articles")], ("{root}/d.xml.bz2",)),
+    Row(PREP, "extract-dump-not-bz2", lambda c: [
+        "extract", "--input", str(c.file("d.xml.bz2", "plain text")), "--output", str(c.root / "articles")],
+        ("{root}/d.xml.bz2",), known_defect=PARAMS_FIRST),
+    Row(PREP, "extract-dump-not-mediawiki", lambda c: [
+        "extract", "--input", str(c.file("d.xml.bz2", bz2.compress(b"<html><body/></html>"))),
+        "--output", str(c.root / "a")], ("{root}/d.xml.bz2", "not a MediaWiki"), known_defect=PARAMS_FIRST),
+    Row(PREP, "extract-dump-truncated", lambda c: ["extract", "--input", str(c.file(
+        "d.xml.bz2", _dump(c, "full.xml.bz2", _page(1) * 50).read_bytes()[:60])), "--output", str(c.root / "a")],
+        ("{root}/d.xml.bz2",), known_defect=PARAMS_FIRST),
+    Row(PREP, "extract-output-is-a-file", lambda c: ["extract", "--input", str(_dump(c, "d.xml.bz2", _page(1))),
+                                                     "--output", str(c.file("articles", "x"))], ("{root}/articles",)),
+    Row(PREP, "extract-output-under-a-file", lambda c: [
+        "extract", "--input", str(_dump(c, "d.xml.bz2", _page(1))), "--output", str(c.file("f", "x") / "articles")],
+        ("{root}/f",)),
+    Row(PREP, "extract-docs-per-chunk-0", lambda c: ["extract", "--input", str(_dump(c, "d.xml.bz2", _page(1))),
+                                                     "--output", str(c.root / "a"), "--docs-per-chunk", "0"],
+        ("--docs-per-chunk",)),
+    Row(PREP, "extract-read-only-output", lambda c: (c.root / "ro").mkdir(mode=0o555) or [
+        "extract", "--input", str(_dump(c, "d.xml.bz2", _page(1))), "--output", str(c.root / "ro" / "a")],
+        ("{root}/ro",), skip_as_root="root writes into a 0o555 folder"),
+    # ---- earlybert-prep sentences
+    Row(PREP, "sentences-input-without-manifest", lambda c: (c.root / "articles").mkdir() or [
+        "sentences", "--input", str(c.root / "articles"), "--output", str(c.root / "s")],
+        ("{root}/articles/manifest.json",)),
+    Row(PREP, "sentences-input-is-another-stage", lambda c: [
+        "sentences", "--input", str(c.wiki.vocab), "--output", str(c.root / "s")], ("{wiki}/vocab/manifest.json",),
+        wiki=True),
+    Row(PREP, "sentences-output-is-a-file", lambda c: [
+        "sentences", "--input", str(c.wiki.articles), "--output", str(c.file("s", "x"))], ("{root}/s",), wiki=True),
+    Row(PREP, "sentences-folder-in-use", _locked_output, ("{root}/out", "pid ", "another earlybert-prep"), wiki=True),
+    Row(PREP, "sentences-manifest-not-json", lambda c: [
+        "sentences", "--input", str(c.file("articles/manifest.json", "{oops").parent), "--output", str(c.root / "s")],
+        ("{root}/articles/manifest.json", "JSON")),
+    # ---- earlybert-prep vocab
+    Row(PREP, "vocab-without-input", lambda c: ["vocab", "--output", str(c.root / "v")], ("--vocab-file",)),
+    Row(PREP, "vocab-size-0", lambda c: _vocab(c, "--vocab-size", "0"), ("--vocab-size",), wiki=True),
+    Row(PREP, "vocab-size-negative", lambda c: _vocab(c, "--vocab-size", "-5"), ("--vocab-size",), wiki=True),
+    Row(PREP, "vocab-size-below-the-specials", lambda c: _vocab(c, "--vocab-size", "3"), ("--vocab-size",),
+        wiki=True),
+    Row(PREP, "vocab-file-missing", lambda c: ["vocab", "--vocab-file", str(c.root / "no.txt"), "--output",
+                                               str(c.root / "v")], ("{root}/no.txt",)),
+    Row(PREP, "vocab-file-without-specials", lambda c: [
+        "vocab", "--vocab-file", str(c.file("v.txt", "a\nb\nc\n")), "--output", str(c.root / "v")],
+        ("{root}/v.txt", "special")),
+    Row(PREP, "vocab-file-not-utf8", lambda c: [
+        "vocab", "--vocab-file", str(c.file("v.txt", b"[PAD]\n\xff\xfe\n")), "--output", str(c.root / "v")],
+        ("{root}/v.txt",)),
+    Row(PREP, "vocab-disk-full", lambda c: _vocab(c, "--vocab-size", "300"), ("{root}/vocab", "No space left"),
+        wiki=True, fault="enospc"),
+    # ---- earlybert-prep shard
+    Row(PREP, "shard-num-shards-0", lambda c: _shard(c, "--num-shards", "0"), ("--num-shards",), wiki=True),
+    Row(PREP, "shard-validation-fraction-1.5", lambda c: _shard(c, "--validation-fraction", "1.5"),
+        ("--validation-fraction",), wiki=True),
+    Row(PREP, "shard-validation-fraction-negative", lambda c: _shard(c, "--validation-fraction", "-0.1"),
+        ("--validation-fraction",), wiki=True),
+    Row(PREP, "shard-vocab-is-another-stage", lambda c: _shard(c, vocab=str(c.wiki.sentences)),
+        ("{wiki}/sentences/manifest.json",), wiki=True),
+    Row(PREP, "shard-input-is-the-vocab", lambda c: _shard(c, sentences=str(c.wiki.vocab)),
+        ("{wiki}/vocab/manifest.json",), wiki=True),
+    Row(PREP, "shard-output-under-a-file", lambda c: _shard(c)[:-1] + [str(c.file("f", "x") / "shards")],
+        ("{root}/f",), wiki=True),
+    # ---- earlybert-prep all (datasets sources)
+    Row(PREP, "all-without-input", lambda c: ["all", "--output", str(c.root / "out")], ("--input",)),
+    Row(PREP, "all-two-datasets-sources", lambda c: ["all", "--input", str(c.file("a.jsonl", "{}")),
+                                                     str(c.file("b.jsonl", "{}")), "--output", str(c.root / "o")],
+        ("one datasets source",)),
+    Row(PREP, "all-jsonl-missing", lambda c: _all(c, c.root / "no.jsonl"), ("{root}/no.jsonl",)),
+    Row(PREP, "all-jsonl-non-utf8-line", lambda c: _all(c, c.jsonl("d.jsonl", [
+        b'{"text": "A fine first line. And more."}', b'{"text": "caf\xe9 au lait"}'])), ("{root}/d.jsonl",)),
+    Row(PREP, "all-jsonl-text-not-a-string", lambda c: _all(c, c.jsonl("d.jsonl", [
+        b'{"text": "A fine first line. And more."}', b'{"text": 42}'])), ("{root}/d.jsonl", "text")),
+    Row(PREP, "all-jsonl-malformed-line", lambda c: _all(c, c.jsonl("d.jsonl", [
+        b'{"text": "A fine first line. And more."}', b'{"text": "unterminated'])), ("{root}/d.jsonl",)),
+    Row(PREP, "all-jsonl-without-text", lambda c: _all(c, c.jsonl("d.jsonl", [b'{"title": "t", "body": "b"}'])),
+        ("{root}/d.jsonl", "text")),
+    Row(PREP, "all-output-is-a-file", lambda c: _all(c, c.jsonl("d.jsonl", [b'{"text": "One. Two."}']))[:-4]
+        + ["--output", str(c.file("out", "x")), "--vocab-size", "200"], ("{root}/out",)),
+    # ---- earlybert-ticket
+    Row(TICKET, "report-missing-ticket", lambda c: ["report", str(c.root / "no.json")], ("{root}/no.json",)),
+    Row(TICKET, "report-ticket-is-a-folder",
+        lambda c: (c.root / "t.json").mkdir() or ["report", str(c.root / "t.json")], ("{root}/t.json",)),
+    Row(TICKET, "report-malformed-json", lambda c: ["report", str(c.file("t.json", '{"format": '))],
+        ("{root}/t.json", "JSON")),
+    Row(TICKET, "report-not-utf8", lambda c: ["report", str(c.file("t.json", b'{"a": "\xff"}'))], ("{root}/t.json",)),
+    Row(TICKET, "report-json-list", lambda c: ["report", str(c.file("t.json", "[1, 2]"))], ("{root}/t.json",)),
+    Row(TICKET, "report-missing-fields", lambda c: ["report", str(c.file("t.json", '{"format": "earlybert-ticket"}'))],
+        ("{root}/t.json",)),
+    Row(TICKET, "report-heads-out-of-range", lambda c: ["report", str(c.file("t.json", json.dumps(
+        {**json.loads(c.ticket().read_text()), "heads_kept": [[0, 99], [1]]})))], ("{root}/t.json",)),
+    Row(TICKET, "report-wrong-geometry-config", lambda c: [
+        "report", str(c.ticket()), "--config", str(REPO / "configs" / "bert-large.yaml")], ("num_hidden_layers=24",)),
+    Row(TICKET, "report-config-missing", lambda c: ["report", str(c.ticket()), "--config", str(c.root / "m.yaml")],
+        ("{root}/m.yaml",)),
+    Row(TICKET, "report-config-malformed-yaml", lambda c: [
+        "report", str(c.ticket()), "--config", str(c.file("m.yaml", "hidden_size: [1, 2\n"))], ("{root}/m.yaml",)),
+    Row(TICKET, "report-config-unknown-key", lambda c: [
+        "report", str(c.ticket()), "--config", str(c.file("m.yaml", "hiden_size: 64\n"))], ("hiden_size",)),
+    Row(TICKET, "distance-different-geometries", lambda c: [
+        "distance", str(c.ticket("a.json")), str(c.ticket("b.json", BertConfig(
+            hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)))],
+        ("heads_per_layer",)),
+    Row(TICKET, "heatmap-output-under-a-file", lambda c: [
+        "heatmap", str(c.ticket("a.json")), str(c.ticket("b.json")), "--output", str(c.file("f", "x") / "h.png")],
+        ("{root}/f",)),
+    Row(TICKET, "heatmap-output-is-a-folder", lambda c: (c.root / "h.png").mkdir() or [
+        "heatmap", str(c.ticket("a.json")), str(c.ticket("b.json")), "--output", str(c.root / "h.png")],
+        ("{root}/h.png",)),
+    Row(TICKET, "heatmap-disk-full", lambda c: [
+        "heatmap", str(c.ticket("a.json")), str(c.ticket("b.json")), "--output", str(c.root / "h.png")],
+        ("{root}/h.png", "No space left"), fault="enospc"),
+    Row(TICKET, "apply-missing-model-folder", lambda c: [
+        "apply", str(c.root / "model"), str(c.ticket()), str(c.root / "out"), "--format", "padded"],
+        ("{root}/model",)),
+    Row(TICKET, "apply-ticket-of-another-geometry", lambda c: [
+        "apply", str(_model_folder(c)), str(c.ticket()), str(c.root / "out"), "--format", "padded"],
+        ("hidden_size=64", "hidden_size=32")),
+]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """Every file (and folder) under ``folder``: its sha256 and mode, so any change shows."""
+    result = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_dir():
+            result[key] = f"dir {path.stat().st_mode:o}"
+        elif path.is_file():
+            result[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return result
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[f"{row.cli}:{row.id}" for row in ROWS])
+def test_bad_input_is_one_line_and_changes_nothing(row: Row, tmp_path: Path, request, capsys, monkeypatch) -> None:
+    if row.skip_as_root and AS_ROOT:
+        pytest.skip(row.skip_as_root)
+    if row.known_defect:
+        request.applymarker(pytest.mark.xfail(reason=row.known_defect, strict=True))
+    wiki = request.getfixturevalue("wiki_build") if row.wiki else None
+    case = Case(tmp_path / "row", wiki)
+    case.root.mkdir()
+    argv = row.setup(case)
+    watched = [case.root] + ([wiki.root] if wiki else [])
+    before = [_hashes(folder) for folder in watched]
+    capsys.readouterr()
+    if row.fault == "enospc":
+        monkeypatch.setattr(os, "fsync", _full_disk)
+    try:
+        try:
+            code = CLIS[row.cli](argv)
+        except SystemExit as exit_:  # argparse refusing a value
+            code = exit_.code
+    finally:
+        monkeypatch.undo()
+        if hasattr(case, "holder"):
+            case.holder.kill()
+            case.holder.wait()
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert "Traceback" not in out + err
+    assert len(lines) == 1, err
+    for fragment in row.expect:
+        fragment = fragment.replace("{root}", str(case.root)).replace("{wiki}", str(wiki.root) if wiki else "")
+        assert fragment in lines[0], (fragment, lines[0])
+    after = [_hashes(folder) for folder in watched]
+    for folder, old, new in zip(watched, before, after):
+        assert new == old, (folder, set(new.items()) ^ set(old.items()))
