@@ -186,7 +186,7 @@ def expect_error(capsys, argv: list[str], message: str) -> None:
 def test_bad_input_is_one_clear_error(reference, recipe, tmp_path, capsys):
     out = reference
     base = ["--config", str(recipe)]
-    expect_error(capsys, [*base, f"output_dir={out}"], r"holds another run; pass --resume .* or --overwrite")
+    expect_error(capsys, [*base, f"output_dir={out}"], r"holds another pre-training run; pass --resume .* or --overwrite")
     expect_error(capsys, [*base, f"output_dir={out}", "--resume", "phase1.lr=0.5"],
                  r"different config \(phase1.lr differ")
     expect_error(capsys, [*base, f"output_dir={tmp_path / 'a'}", "phase1.lrr=1"], r"did you mean 'lr'")
@@ -198,12 +198,19 @@ def test_bad_input_is_one_clear_error(reference, recipe, tmp_path, capsys):
                  r"phase2.seq_len=128 exceeds model.max_position_embeddings=64")
     expect_error(capsys, [*base, f"output_dir={tmp_path / 'e'}", "mode=ticket", f"ticket={out / 'ticket.json'}",
                           "model.num_hidden_layers=3"], r"drawn for num_hidden_layers=2")
-    expect_error(capsys, [*base, f"output_dir={tmp_path / 'f'}", "mode=fast"], r"mode: expected one of earlybert")
+    expect_error(capsys, [*base, f"output_dir={tmp_path / 'f'}", "mode=fast"], r"mode: expected one of 'earlybert'")
     expect_error(capsys, [*base, f"output_dir={tmp_path / 'h'}", "engine.precision=fp16"],
                  r"does not support fp16; use engine.precision=bf16")
     expect_error(capsys, [*base, f"output_dir={tmp_path / 'g'}", "--compare-to", str(tmp_path)],
                  r"--compare-to .*no report.json")
     assert not any((tmp_path / name).exists() for name in "abcdfgh")  # refused before anything was written
+
+    # A folder that is not a run is never deleted, not even with --overwrite; its files are named.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "plan.txt").write_text("keep me")
+    expect_error(capsys, [*base, f"output_dir={notes}", "--overwrite"], r"not a pre-training run \(plan.txt\)")
+    assert sorted(p.name for p in notes.iterdir()) == ["plan.txt"] and (notes / "plan.txt").read_text() == "keep me"
 
 
 @pytest.mark.slow

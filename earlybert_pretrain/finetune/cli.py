@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="head init, data order, random ticket")
     parser.add_argument("--output-dir", dest="output_dir")
     parser.add_argument("--dense-metrics", dest="dense_metrics", help="a dense run's metrics.json: report the saving")
+    parser.add_argument("--resume", action="store_true", help="continue the run in output_dir (same settings)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output_dir's previous run (only the files a run writes)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.data_dir=glue/SST-2 lr=4e-5")
     return parser
 
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             run,  # heavy imports (torch, datasets, transformers) after the arguments are checked
         )
 
-        metrics = run(config)
+        metrics = run(config, resume=args.resume, overwrite=args.overwrite)
     except UserError as err:  # anything else is a bug: it keeps its traceback
         print(f"earlybert-finetune: error: {err}", file=sys.stderr)
         return 2

@@ -78,6 +78,8 @@ class FinetuneConfig:
     dense_metrics: str = ""  # metrics.json of a dense run on the same data: adds the time saving
     log_every: int = 10
     eval_each_epoch: bool = True
+    checkpoint_every: int = 500  # steps between checkpoints of the search and the fine-tuning (--resume continues)
+    keep_checkpoints: int = 2
 
     def validate(self) -> None:
         """What the loader's types cannot say (the enumerations are checked when the config is loaded)."""
@@ -86,7 +88,7 @@ class FinetuneConfig:
         if not self.model_dir:
             raise ConfigError("model_dir (--model): give an HF-format BERT folder (config.json, weights, "
                               "vocab.txt or tokenizer.json)")
-        for name in ("batch_size", "eval_batch_size", "log_every"):
+        for name in ("batch_size", "eval_batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: expected >= 1, got {getattr(self, name)}")
         if self.search.record_every < 1:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from earlybert_pretrain.errors import ConfigError
 from earlybert_pretrain.finetune.features import pad_batch
 from earlybert_pretrain.finetune.metrics import classification_scores, squad_scores
 from earlybert_pretrain.finetune.squad import SquadSettings, extract_answers
@@ -32,7 +33,7 @@ class GlobalBatchSampler:
 
     def __init__(self, num_examples: int, global_batch: int, rank: int, world_size: int, seed: int):
         if global_batch % world_size:
-            raise ValueError(f"batch_size {global_batch} must be divisible by the number of ranks ({world_size})")
+            raise ConfigError(f"batch_size {global_batch} must be divisible by the number of ranks ({world_size})")
         self.num_examples, self.global_batch, self.rank, self.world_size = num_examples, global_batch, rank, world_size
         self.per_rank = global_batch // world_size
         self.seed, self.epoch = seed, 0

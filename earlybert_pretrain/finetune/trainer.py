@@ -10,6 +10,7 @@ the tokenizer, and tensorboard/.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -21,8 +22,11 @@ from pathlib import Path
 import datasets
 import torch
 
-from earlybert_pretrain.common.files import atomic_write_json
+from earlybert_pretrain.common import run_folder
+from earlybert_pretrain.common.files import atomic_write_json, read_json, sha256_file
+from earlybert_pretrain.common.lock import hold_run_lock
 from earlybert_pretrain.config import OptimizerConfig
+from earlybert_pretrain.errors import ConfigError, DataError, ModelFolderError
 from earlybert_pretrain.finetune.config import FinetuneConfig, resolve_max_seq_length, resolve_schedule
 from earlybert_pretrain.finetune.data import TaskData, load_task_data
 from earlybert_pretrain.finetune.features import encode_classification, load_tokenizer
@@ -35,7 +39,8 @@ from earlybert_pretrain.tickets.draw import random_ticket
 from earlybert_pretrain.tickets.prune import prune
 from earlybert_pretrain.tickets.search import SearchOutcome, SlimmingSearch
 from earlybert_pretrain.tickets.ticket import Ticket
-from earlybert_pretrain.train.distributed import barrier
+from earlybert_pretrain.train.checkpoint import check_shared
+from earlybert_pretrain.train.distributed import barrier, on_main_rank
 from earlybert_pretrain.train.engine import init_distributed, resolve_precision
 from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageHook, StageResult, StageSettings
 from earlybert_pretrain.train.telemetry import TensorBoardLogger
@@ -56,10 +61,16 @@ def _encode(task: TaskSpec, examples: datasets.Dataset, tokenizer, config: Finet
     return encode_classification(examples, task, tokenizer, resolve_max_seq_length(config, task))
 
 
-def _check_vocab(tokenizer, model_vocab_size: int, folder: str) -> None:
-    if len(tokenizer) > model_vocab_size:
-        raise ValueError(f"{folder}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-                         f"{model_vocab_size}; the tokenizer files do not belong to this model")
+def _check_model_fits(tokenizer, model, config: FinetuneConfig, task: TaskSpec) -> None:
+    """The tokenizer must be the model's own (same vocab size) and the sequences must fit its position table."""
+    if len(tokenizer) != model.config.vocab_size:
+        raise ModelFolderError(f"{config.model_dir}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                               f"vocab_size is {model.config.vocab_size}; the tokenizer files do not belong to this "
+                               "model")
+    length = resolve_max_seq_length(config, task)
+    if length > model.config.max_position_embeddings:
+        raise ConfigError(f"max_seq_length={length} exceeds the model's max_position_embeddings="
+                          f"{model.config.max_position_embeddings} ({config.model_dir}); use at most that")
 
 
 def _save_model(model, folder: Path, tokenizer_source: str) -> None:
@@ -75,9 +86,9 @@ def _read_dense_time(path: str, task: TaskSpec) -> dict | None:
         dense = json.loads(Path(path).read_text())
         dense_time, dense_mode, dense_task = dense["time"], dense["mode"], dense["task"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"dense_metrics: {path} is not a metrics.json of a fine-tuning run ({err})") from None
+        raise ConfigError(f"dense_metrics: {path} is not a metrics.json of a fine-tuning run ({err})") from None
     if dense_mode != "dense" or dense_task != task.name:
-        raise ValueError(f"dense_metrics: {path} is a {dense_mode!r} run on {dense_task!r}; expected a dense run on "
+        raise ConfigError(f"dense_metrics: {path} is a {dense_mode!r} run on {dense_task!r}; expected a dense run on "
                          f"{task.name!r}")
     return {**dense_time, "path": path}
 
@@ -114,7 +125,7 @@ def _prepare_data(config: FinetuneConfig, task: TaskSpec, tokenizer,
             logger.warning("%d SQuAD training question(s) produced no training window (answer not in context)",
                            left_out)
     if len(train_features) == 0:
-        raise ValueError(f"task {task.name!r}: no training examples left after loading ({data.skipped})")
+        raise DataError(f"task {task.name!r}: no training examples left after loading ({data.skipped})")
     eval_sets = {split: EvalSet(examples, _encode(task, examples, tokenizer, config, squad, training=False))
                  for split, examples in data.evaluation.items()}
     return data, train_features, eval_sets
@@ -122,12 +133,14 @@ def _prepare_data(config: FinetuneConfig, task: TaskSpec, tokenizer,
 
 def _stage_settings(config: FinetuneConfig, name: str, lr: float, schedule: Schedule,
                     runtime: Runtime) -> StageSettings:
-    """A fine-tuning stage on the backend: AdamW (Sec. 4.1) without decay on biases, LayerNorm and coefficients."""
+    """A fine-tuning stage on the backend (AdamW, Sec. 4.1), checkpointed in output_dir/checkpoints/."""
     optimizer = OptimizerConfig(name="adamw", eps=config.adam_eps, weight_decay=config.weight_decay,
                                 grad_clip=config.grad_clip)
     return StageSettings(name=name, seed=config.seed, global_batch_size=config.batch_size,
                          micro_batch_size=config.batch_size // runtime.world_size, optimizer=optimizer, lr=lr,
-                         schedule=schedule, grad_clip=config.grad_clip, checkpoint_dir=None,
+                         schedule=schedule, grad_clip=config.grad_clip,
+                         checkpoint_dir=FinetuneLayout(Path(config.output_dir)).checkpoints,
+                         checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
                          log_every=config.log_every)
 
 
@@ -177,6 +190,12 @@ class EpochEvaluation(StageHook):
         logger.info("epoch %d (step %d/%d): %s", epoch, step, self.total_steps, scores)
         return False
 
+    def state_dict(self) -> dict:
+        return {"history": self.history, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.best = state["history"], state["best"]
+
 
 def _search(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches, lr: float, runtime: Runtime,
             tensorboard: TensorBoardLogger) -> tuple[SearchOutcome, StageResult]:
@@ -198,15 +217,15 @@ def _search(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches
     search_lr = lr if settings.lr is None else settings.lr
     stage_settings = _stage_settings(config, "search", search_lr, Schedule(planned, kind=None), runtime)
     with Stage.build(searched, stage_settings, runtime, tensorboard) as stage:
+        stage.resume([search])
         result = stage.run(_open_batches(batches, task, runtime.device), planned, [search])
     outcome = search.finish(result.steps)
     outcome.warnings[:0] = warnings
     return outcome, result
 
 
-def _ticket(config: FinetuneConfig, model, search: SearchOutcome | None) -> Ticket | None:
-    if search is not None:
-        return search.ticket
+def _given_ticket(config: FinetuneConfig, model) -> Ticket | None:
+    """The ticket a run without a search prunes with: random (same counts as a drawn one) or from a file."""
     if config.mode == "random":
         return random_ticket(model.config, config.search.heads_to_prune_for(model.config), config.search.ffn_ratio,
                              config.search.ffn_scope, seed=config.seed, ffn_multiple_of=config.search.ffn_multiple_of)
@@ -215,49 +234,123 @@ def _ticket(config: FinetuneConfig, model, search: SearchOutcome | None) -> Tick
     return None
 
 
-def run(config: FinetuneConfig) -> dict:
-    """Run the whole fine-tuning; returns what metrics.json holds (written by rank 0)."""
+class FinetuneLayout:
+    """A fine-tuning run's folder, named in one place."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.metrics, self.progress, self.ticket = root / "metrics.json", root / "progress.json", root / "ticket.json"
+        self.search = root / "search"
+        self.mask_history, self.heatmap = self.search / "mask_history.json", self.search / "mask_heatmap.png"
+        self.best, self.model = root / "best", root / "model"
+        self.tensorboard, self.checkpoints = root / "tensorboard", root / "checkpoints"
+
+    def owned(self) -> list[str]:
+        """What --overwrite removes: the entries a run writes, nothing else."""
+        return ["run.json", "metrics.json", "progress.json", "ticket.json", "search", "best", "model", "tensorboard",
+                "checkpoints"]
+
+
+def _inputs(config: FinetuneConfig) -> dict[str, str]:
+    """Digests of the model and ticket a run starts from: a resume with changed ones is refused."""
+    folder = Path(config.model_dir)
+    inputs = {f"model/{path.name}": sha256_file(path) for path in sorted(folder.iterdir())
+              if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".txt")}
+    if config.ticket:
+        inputs["ticket"] = sha256_file(config.ticket)
+    return inputs
+
+
+def _finish_search(layout: FinetuneLayout, outcome: SearchOutcome, result: StageResult, runtime: Runtime,
+                   tensorboard: TensorBoardLogger) -> None:
+    """Leave the search's files and its record in progress.json: a resumed run skips the search."""
+    if runtime.is_main:
+        outcome.ticket.save(layout.ticket)
+        outcome.history.save(layout.mask_history)
+        outcome.history.save_heatmap(layout.heatmap)
+        tensorboard.image("search/mask_distance", outcome.history.heatmap_image(), outcome.steps)
+        record = {"result": result.to_dict(), "steps": outcome.steps, "planned_steps": outcome.planned_steps,
+                  "early_bird_fired_at": outcome.early_bird_fired_at, "warnings": outcome.warnings}
+        atomic_write_json(layout.progress, {"search": record})
+    barrier()
+
+
+def _search_or_resume(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches, lr: float,
+                      runtime: Runtime, tensorboard: TensorBoardLogger, layout: FinetuneLayout,
+                      progress: dict) -> tuple[dict, StageResult]:
+    """The search's record and stage result: run now, or read back (rank 0's files, to every rank)."""
+    if "search" not in progress:
+        outcome, result = _search(config, task, model, batches, lr, runtime, tensorboard)
+        _finish_search(layout, outcome, result, runtime, tensorboard)
+        progress = {"search": {"steps": outcome.steps, "planned_steps": outcome.planned_steps,
+                               "early_bird_fired_at": outcome.early_bird_fired_at, "warnings": outcome.warnings,
+                               "result": result.to_dict()}}
+    record = progress["search"]
+    return record, StageResult.from_dict(record["result"])
+
+
+def run(config: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the whole fine-tuning; returns what metrics.json holds (written by rank 0). Everything that can be
+    checked without training is checked before output_dir is touched."""
     config.validate()
     task = get_task(config.task)
     dense_time = _read_dense_time(config.dense_metrics, task)
     rank, world_size, device = init_distributed()
     runtime = Runtime(rank, world_size, device, resolve_precision(config.precision, device))
     torch.manual_seed(config.seed)
-    output = Path(config.output_dir)
+    layout = FinetuneLayout(Path(config.output_dir))
     tokenizer = load_tokenizer(config.model_dir)
     pad_id = tokenizer.pad_token_id
+    model = build_task_model(task.kind, config.model_dir, task.num_labels)
+    _check_model_fits(tokenizer, model, config, task)
     squad = SquadSettings(resolve_max_seq_length(config, task), config.doc_stride, config.max_query_length,
                           config.n_best_size, config.max_answer_length)
     data, train_features, eval_sets = _prepare_data(config, task, tokenizer, squad)
-    model = build_task_model(task.kind, config.model_dir, task.num_labels)
-    _check_vocab(tokenizer, model.config.vocab_size, config.model_dir)
-    tensorboard = TensorBoardLogger(output / "tensorboard", enabled=runtime.is_main)
+    given_ticket = _given_ticket(config, model)
+    if given_ticket is not None:
+        given_ticket.check_fits(model.config)
+    run_folder.check_writable(layout.root)
+    with hold_run_lock(layout.root, "fine-tuning run") if runtime.is_main else contextlib.nullcontext():
+        def prepare() -> dict:
+            run_folder.prepare(layout.root, "fine-tuning", dataclasses.asdict(config), _inputs(config),
+                               layout.owned(), resume, overwrite, is_main=True)
+            return read_json(layout.progress, "progress") if layout.progress.is_file() else {}
+
+        progress = on_main_rank(prepare)
+        check_shared(layout.checkpoints)
+        return _train(config, task, runtime, layout, progress, model, pad_id, squad, data, train_features, eval_sets,
+                      given_ticket, dense_time)
+
+
+def _train(config: FinetuneConfig, task: TaskSpec, runtime: Runtime, layout: FinetuneLayout, progress: dict, model,
+           pad_id: int, squad: SquadSettings, data: TaskData, train_features: datasets.Dataset,
+           eval_sets: dict[str, EvalSet], ticket: Ticket | None, dense_time: dict | None) -> dict:
+    """Search (or resume it), prune, fine-tune (resuming its checkpoint), write metrics.json."""
+    tensorboard = TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main)
     dense_epochs, dense_lr = resolve_schedule(dataclasses.replace(config, mode="dense"), task)
     epochs, lr = resolve_schedule(config, task)
-    batches = train_batches(train_features, config.batch_size, rank, world_size, config.seed, pad_id)
+    batches = train_batches(train_features, config.batch_size, runtime.rank, runtime.world_size, config.seed, pad_id)
 
-    search, search_result = (None, None)
+    search, search_result = None, None
     if config.mode == "earlybert":
-        search, search_result = _search(config, task, model, batches, dense_lr, runtime, tensorboard)
-    ticket = _ticket(config, model, search)
+        search, search_result = _search_or_resume(config, task, model, batches, dense_lr, runtime, tensorboard,
+                                                  layout, progress)
+        ticket = Ticket.from_dict(on_main_rank(lambda: Ticket.load(layout.ticket).to_dict()), where=str(layout.ticket))
     if ticket is not None:
         model = prune(model, ticket)  # the pre-trained weights: EarlyBERT rewinds to them (Sec. 4.2)
         if runtime.is_main:
-            ticket.save(output / "ticket.json")
-            if search is not None:
-                search.history.save(output / "search" / "mask_history.json")
-                search.history.save_heatmap(output / "search" / "mask_heatmap.png")
-                tensorboard.image("search/mask_distance", search.history.heatmap_image(), search.steps)
+            ticket.save(layout.ticket)
 
     total_steps = max(1, round(epochs * batches.steps_per_epoch))
     evaluation = EpochEvaluation(task, config, eval_sets, squad, runtime, tensorboard, batches.steps_per_epoch,
-                                 total_steps, pad_id, output / "best")
+                                 total_steps, pad_id, layout.best)
     settings = _stage_settings(config, "finetune", lr, Schedule(total_steps, config.warmup, "warmup_linear"),
                                runtime)
     with Stage.build(model, settings, runtime, tensorboard) as stage:
-        result = stage.run(_open_batches(batches, task, device), total_steps, [evaluation])
+        stage.resume([evaluation])
+        result = stage.run(_open_batches(batches, task, runtime.device), total_steps, [evaluation])
         if runtime.is_main:
-            _save_model(stage.module, output / "model", config.model_dir)
+            _save_model(stage.module, layout.model, config.model_dir)
 
     best, history = evaluation.best, evaluation.history
     metrics = {
@@ -271,14 +364,14 @@ def run(config: FinetuneConfig) -> dict:
         "losses": {"finetune": result.losses, **({"search": search_result.losses} if search_result else {})},
         "model_geometry": {"heads_per_layer": model.config.heads_per_layer,
                            "ffn_per_layer": model.config.ffn_per_layer, "parameters": model.num_parameters()},
-        "ticket": None if ticket is None else {"digest": ticket.digest(), "path": str(output / "ticket.json")},
-        "search": None if search is None else {"steps": search.steps, "planned_steps": search.planned_steps,
-                                               "early_bird_fired_at": search.early_bird_fired_at},
-        "skipped": data.skipped, "warnings": list(search.warnings) if search else [],
+        "ticket": None if ticket is None else {"digest": ticket.digest(), "path": str(layout.ticket)},
+        "search": None if search is None else {key: search[key] for key in ("steps", "planned_steps",
+                                                                           "early_bird_fired_at")},
+        "skipped": data.skipped, "warnings": list(search["warnings"]) if search else [],
         "world_size": runtime.world_size, "config": dataclasses.asdict(config),
     }
     if runtime.is_main:
-        atomic_write_json(output / "metrics.json", metrics)
+        atomic_write_json(layout.metrics, metrics)
     tensorboard.close()
     barrier()
     return metrics

@@ -109,8 +109,9 @@ def save_pretrained(model: BertPreTrainedModel, folder: str | os.PathLike, archi
     config = model.config.to_dict()
     config.update(model_type="bert", hidden_act="gelu",
                   architectures=[architecture or type(model).__name__])
-    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()
-             if key not in TIED_KEYS}
+    # Saved models are fp32 whatever the training precision: half precision never decides what is kept.
+    state = {key: (value.float() if value.is_floating_point() else value).detach().contiguous().cpu()
+             for key, value in model.state_dict().items() if key not in TIED_KEYS}
 
     folder = Path(folder)
     with atomic_folder(folder) as staging:  # a crash never leaves half a model

@@ -83,6 +83,16 @@ class RunLayout:
     def report_txt(self) -> Path:
         return self.root / "report.txt"
 
+    @property
+    def report_png(self) -> Path:
+        return self.root / "report.png"
+
+    def owned(self) -> list[str]:
+        """Every entry a run writes at the top of its folder: what --overwrite removes, and nothing else."""
+        return ["run.json", "progress.json", "timing.json", "checkpoints", "tensorboard", "theta0", "search",
+                "ticket.json", "ticket_report.json", "phase1_model", "final_model", "report.json", "report.txt",
+                "report.png"]
+
     def model_folder(self, phase: str) -> Path:
         """Where a phase leaves its weights: phase1 -> phase1_model/, phase2 -> final_model/."""
         return self.phase1_model if phase == "phase1" else self.final_model

@@ -8,9 +8,8 @@ starts from (``theta0/``, ``ticket.json``, ``phase1_model/``; see ``layout.py`` 
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -19,11 +18,14 @@ from pathlib import Path
 
 import torch
 
-from earlybert_pretrain.common.files import atomic_write_json
+from data_prep.indexed import vocab_digest
+from earlybert_pretrain.common import run_folder
+from earlybert_pretrain.common.files import atomic_write_json, read_json, sha256_file
+from earlybert_pretrain.common.lock import hold_run_lock
 from earlybert_pretrain.config import PhaseConfig, PretrainConfig, config_to_dict
 from earlybert_pretrain.errors import ConfigError, RunError
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
-from earlybert_pretrain.model.hf import copy_tokenizer_files, load_pretrained, save_pretrained
+from earlybert_pretrain.model.hf import copy_tokenizer_files, save_pretrained
 from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus, check_vocab
 from earlybert_pretrain.pretrain.layout import RunLayout
 from earlybert_pretrain.pretrain.report import STAGES, render_run_report, write_run_report
@@ -32,14 +34,14 @@ from earlybert_pretrain.tickets.prune import prune
 from earlybert_pretrain.tickets.report import render_report, ticket_report
 from earlybert_pretrain.tickets.search import SlimmingSearch
 from earlybert_pretrain.tickets.ticket import Ticket
-from earlybert_pretrain.train.distributed import barrier, from_every_rank
+from earlybert_pretrain.train.checkpoint import check_shared
+from earlybert_pretrain.train.distributed import barrier, from_every_rank, on_main_rank
 from earlybert_pretrain.train.engine import deepspeed_config, init_distributed, resolve_precision
 from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageHook, StageSettings
 from earlybert_pretrain.train.telemetry import TensorBoardLogger
 
 logger = logging.getLogger(__name__)
 
-MODES = ("earlybert", "dense", "random", "ticket")
 # Share of the total steps run at seq 128 (Sec. 4.1: 9/10; NVIDIA's recipe: 7,038 of 8,601).
 PRESETS = {"paper": 0.9, "nvidia": 7038 / 8601}
 
@@ -76,63 +78,61 @@ def phase_steps(cfg: PretrainConfig, dense: bool) -> dict[str, int]:
 
 
 def validate(cfg: PretrainConfig, world_size: int) -> None:
-    """Every setting checked before anything is trained; one clear error naming the field."""
-    choices = {"mode": (cfg.mode, MODES), "preset": (cfg.preset, tuple(PRESETS)),
-               "reinit": (cfg.reinit, ("rewind", "random")), "search.stop": (cfg.search.stop, ("fixed", "early-bird"))}
-    for name, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise RunError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+    """Every setting that can be checked without training, before the output folder is touched (enumerations and
+    types are the config loader's); one clear error naming the field."""
     if cfg.mode == "ticket" and not cfg.ticket:
         raise RunError("mode=ticket needs ticket=path/to/ticket.json")
-    if not 0.0 < cfg.pruned_step_fraction <= 1.0 or cfg.total_steps < 2 or cfg.search.steps < 1:
+    if not 0.0 < cfg.pruned_step_fraction <= 1.0 or cfg.total_steps < 2 or (cfg.search.steps or 0) < 1:
         raise RunError("pruned_step_fraction must be in (0, 1], total_steps >= 2 and search.steps >= 1")
+    every = {"engine.checkpoint_every": cfg.engine.checkpoint_every, "engine.log_every": cfg.engine.log_every,
+             "engine.keep_checkpoints": cfg.engine.keep_checkpoints, "search.record_every": cfg.search.record_every}
+    for name, value in every.items():
+        if value < 1:
+            raise RunError(f"{name}: expected >= 1, got {value}")
+    if not 0.0 < cfg.data.masked_lm_prob < 1.0:
+        raise RunError(f"data.masked_lm_prob: expected a fraction in (0, 1), got {cfg.data.masked_lm_prob}")
     for name in ("phase1", "phase2"):
         phase: PhaseConfig = getattr(cfg, name)
         if phase.seq_len > cfg.model.max_position_embeddings:
             raise RunError(f"{name}.seq_len={phase.seq_len} exceeds model.max_position_embeddings="
                            f"{cfg.model.max_position_embeddings}")
+        if not phase.lr > 0.0 or not 0.0 <= phase.warmup < 1.0:
+            raise RunError(f"{name}: lr must be > 0 and warmup a fraction in [0, 1), got lr={phase.lr}, "
+                           f"warmup={phase.warmup}")
         try:
             deepspeed_config(phase.global_batch_size, phase.micro_batch_size, world_size, "fp32",
                              cfg.optimizer.grad_clip, cfg.engine.zero_stage, cfg.optimizer.name)
         except ConfigError as err:
             raise RunError(f"{name}: {err}") from None
     check_vocab(cfg.data.shard_dir, cfg.model.vocab_size)
+    if cfg.mode == "ticket":
+        Ticket.load(cfg.ticket).check_fits(cfg.model)
+    else:  # the drawing rules accept these counts (a random draw costs nothing and checks them all)
+        random_ticket(cfg.model, cfg.search.heads_to_prune_for(cfg.model), cfg.search.ffn_ratio, cfg.search.ffn_scope,
+                      ffn_multiple_of=cfg.search.ffn_multiple_of)
 
 
-def flatten(values: dict, prefix: str = "") -> dict:
-    """{"phase1": {"lr": 1}} -> {"phase1.lr": 1}, to name the keys two configs differ in."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+def run_inputs(cfg: PretrainConfig) -> dict[str, str]:
+    """Digests of what the run reads besides its config: a resume with changed shards, vocab or ticket is refused."""
+    inputs = {"shard_manifest_sha256": sha256_file(Path(cfg.data.shard_dir) / "manifest.json"),
+              "vocab_sha256": vocab_digest(cfg.data.shard_dir)}
+    if cfg.mode == "ticket":
+        inputs["ticket_sha256"] = sha256_file(cfg.ticket)
+    return inputs
 
 
-def prepare_output(cfg: PretrainConfig, layout: RunLayout, resume: bool, overwrite: bool, is_main: bool) -> dict:
-    """Refuse a folder holding another run unless --resume (same config) or --overwrite; returns the progress."""
-    out, config = layout.root, config_to_dict(cfg)
-    holds_run, holds_files = layout.run_file.is_file(), out.is_dir() and any(out.iterdir())
-    barrier()  # every rank has looked before rank 0 may delete anything
-    if overwrite and holds_files:
-        if is_main:
-            shutil.rmtree(out)
-    elif holds_run and resume:
-        previous = flatten(json.loads(layout.run_file.read_text())["config"])
-        current = flatten(config)
-        changed = sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
-        if changed:
-            raise RunError(f"{out} holds a run with a different config ({', '.join(changed)} differ); resume it "
-                           f"with its own config or pass --overwrite to start over")
-    elif holds_run:
-        raise RunError(f"{out} holds another run; pass --resume to continue it or --overwrite to replace it")
-    elif holds_files:
-        raise RunError(f"{out} holds files that are not a pre-training run; pass --overwrite to replace them")
-    if is_main:
-        atomic_write_json(layout.run_file, {"config": config, "argv": sys.argv})
-    barrier()
-    return json.loads(layout.progress.read_text()) if layout.progress.is_file() else {}
+def prepare_output(cfg: PretrainConfig, layout: RunLayout, resume: bool, overwrite: bool) -> dict:
+    """Make the folder this run's (see ``common.run_folder``) on rank 0, check that every rank sees the checkpoint
+    folder, and hand every rank the progress of the run being resumed."""
+
+    def prepare() -> dict:
+        run_folder.prepare(layout.root, "pre-training", config_to_dict(cfg), run_inputs(cfg), layout.owned(), resume,
+                           overwrite, is_main=True)
+        return read_json(layout.progress, "progress") if layout.progress.is_file() else {}
+
+    progress = on_main_rank(prepare)
+    check_shared(layout.checkpoints)
+    return progress
 
 
 def initial_model(cfg: PretrainConfig, slimming: bool) -> BertForPreTraining:
@@ -153,10 +153,16 @@ def stage_settings(run: Run, stage: str, phase: PhaseConfig, schedule_steps: int
         keep_checkpoints=cfg.engine.keep_checkpoints, log_every=cfg.engine.log_every)
 
 
+def geometry(model: BertForPreTraining) -> dict:
+    return {"heads_per_layer": model.config.heads_per_layer, "ffn_per_layer": model.config.ffn_per_layer}
+
+
 def train_stage(run: Run, stage: str, model: BertForPreTraining, phase: PhaseConfig, schedule_steps: int,
-                steps: int, hooks: list[StageHook] = (), save_to: Path | None = None) -> dict:
-    """Train one stage on the backend (resuming from its checkpoint) and return its progress record; the weights
-    go to ``save_to`` (fp32, HF format) before the engine is released."""
+                steps: int, hooks: list[StageHook] = (), save_to: Path | None = None,
+                continue_from: str | None = None) -> dict:
+    """Train one stage on the backend and return its progress record. A stage resumes from its own newest
+    checkpoint, else starts from the hand-off ``continue_from`` left (weights + optimizer state); it leaves a
+    hand-off of its own, and its fp32 weights in ``save_to`` (HF format), before the engine is released."""
     data, first_samples = run.cfg.data, {}
 
     def open_batches(micro_batches_done: int) -> Iterator[dict]:
@@ -170,10 +176,13 @@ def train_stage(run: Run, stage: str, model: BertForPreTraining, phase: PhaseCon
 
     with Stage.build(model, stage_settings(run, stage, phase, schedule_steps), run.runtime,
                      run.tensorboard) as built:
-        built.resume(hooks)
+        if not built.resume(hooks) and continue_from is not None:
+            built.load_handoff(f"{continue_from}_end", geometry(model), with_optimizer=not phase.reset_optimizer)
         result = built.run(open_batches, steps, hooks)
-        if save_to is not None and run.is_main:
-            save_pretrained(built.module, save_to)
+        if save_to is not None:
+            built.save_handoff(f"{stage}_end", geometry(model))
+            if run.is_main:
+                save_pretrained(built.module, save_to)
     return {**result.to_dict(), "samples": result.steps * phase.global_batch_size,
             "first_samples_by_rank": first_samples["by_rank"]}
 
@@ -181,14 +190,15 @@ def train_stage(run: Run, stage: str, model: BertForPreTraining, phase: PhaseCon
 def run_search(run: Run, dense_steps: dict[str, int]) -> Ticket:
     """Search (phase-1 settings, loss + λ‖c‖₁) and draw: the ticket every rank agrees on, saved as ticket.json."""
     cfg, layout = run.cfg, run.layout
-    if "draw" in run.progress:
-        return Ticket.load(layout.ticket)
+    if "draw" in run.progress:  # drawn before a restart: rank 0's copy reaches every rank
+        return Ticket.from_dict(on_main_rank(lambda: Ticket.load(layout.ticket).to_dict()), where=str(layout.ticket))
     model = initial_model(cfg, slimming=True)
     if run.is_main and not layout.theta0.is_dir():
         save_pretrained(model, layout.theta0)  # θ0, before any step: re-initialisation rewinds to it
     barrier()
     search_steps = min(cfg.search.steps, dense_steps["phase1"])
-    search = SlimmingSearch(cfg.search, cfg.search.heads_to_prune, search_steps, model.config, run.tensorboard)
+    search = SlimmingSearch(cfg.search, cfg.search.heads_to_prune_for(cfg.model), search_steps, model.config,
+                            run.tensorboard)
     record = train_stage(run, "search", model, cfg.phase1, dense_steps["phase1"], search_steps, [search])
     started = time.perf_counter()
     outcome = search.finish(record["steps"])
@@ -210,12 +220,12 @@ def run_search(run: Run, dense_steps: dict[str, int]) -> Ticket:
 
 
 def phase1_model(run: Run, ticket: Ticket | None) -> BertForPreTraining:
-    """The model phase 1 trains: dense θ0, or the ticket applied to θ0 (rewind) or a fresh random init."""
+    """The model phase 1 trains: dense θ0, or the ticket applied to θ0 (rewind) or a fresh random init. θ0 is
+    rebuilt from the seed (equal to theta0/, which is kept for the user), so no rank reads another's disk."""
     cfg = run.cfg
+    theta0 = initial_model(cfg, slimming=False)
     if ticket is None:
-        return initial_model(cfg, slimming=False)
-    theta0 = (load_pretrained(BertForPreTraining, run.layout.theta0) if run.layout.theta0.is_dir()
-              else initial_model(cfg, slimming=False))
+        return theta0
     pruned = prune(theta0, ticket)
     if cfg.reinit == "random":
         torch.manual_seed(cfg.seed + 1)
@@ -230,8 +240,8 @@ def obtain_ticket(run: Run, dense_steps: dict[str, int]) -> Ticket | None:
     if cfg.mode == "earlybert":
         return run_search(run, dense_steps)
     if cfg.mode == "random":
-        ticket = random_ticket(cfg.model, cfg.search.heads_to_prune, cfg.search.ffn_ratio, cfg.search.ffn_scope,
-                               seed=cfg.seed, ffn_multiple_of=cfg.search.ffn_multiple_of)
+        ticket = random_ticket(cfg.model, cfg.search.heads_to_prune_for(cfg.model), cfg.search.ffn_ratio,
+                               cfg.search.ffn_scope, seed=cfg.seed, ffn_multiple_of=cfg.search.ffn_multiple_of)
     else:
         ticket = Ticket.load(cfg.ticket)
         ticket.check_fits(cfg.model)
@@ -243,22 +253,24 @@ def obtain_ticket(run: Run, dense_steps: dict[str, int]) -> Ticket | None:
 
 
 def train_phases(run: Run, ticket: Ticket | None) -> None:
+    """Phase 1 from θ0 (the ticket applied to it), phase 2 continuing from phase 1's hand-off checkpoint: nothing
+    a stage needs comes from a file only rank 0 wrote (θ0 is rebuilt from the seed on every rank)."""
     cfg, layout, steps = run.cfg, run.layout, phase_steps(run.cfg, dense=ticket is None)
     for name, phase in (("phase1", cfg.phase1), ("phase2", cfg.phase2)):
         if name in run.progress:
             continue
         started = time.perf_counter()
-        model = phase1_model(run, ticket) if name == "phase1" else load_pretrained(BertForPreTraining,
-                                                                                   layout.phase1_model)
+        model = phase1_model(run, ticket)  # phase 2: the same architecture, its weights come from the hand-off
         build_seconds = time.perf_counter() - started
         logger.info("%s: %s parameters, %d steps", name, f"{model.num_parameters():,}", steps[name])
         folder = layout.model_folder(name)
-        record = train_stage(run, name, model, phase, steps[name], steps[name], save_to=folder)
+        record = train_stage(run, name, model, phase, steps[name], steps[name], save_to=folder,
+                             continue_from="phase1" if name == "phase2" else None)
         record["timing"]["model_build_seconds"] = build_seconds  # the re-init cost for a pruned phase 1
         if run.is_main and name == "phase2":
             copy_tokenizer_files(run.corpus.vocab_path.parent, folder)
             if ticket is not None:
-                shutil.copy2(layout.ticket, folder / "ticket.json")
+                ticket.save(folder / "ticket.json")
         del model
         run.finish_stage(name, record)
 
@@ -275,15 +287,19 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     validate(cfg, world_size)
     layout = RunLayout(Path(cfg.output_dir))
     runtime = Runtime(rank, world_size, device, resolve_precision(cfg.engine.precision, device))
-    progress = prepare_output(cfg, layout, resume, overwrite, runtime.is_main)
-    run = Run(cfg, layout, runtime, TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main), progress,
-              ShardedCorpus(cfg.data.shard_dir, "train"))
-    ticket = obtain_ticket(run, phase_steps(cfg, dense=True))
-    train_phases(run, ticket)
-    report = None
-    if run.is_main:
-        report = write_run_report(layout.root, cfg.mode, run.progress, compare_to)
-        print(render_run_report(report), end="")
-    run.tensorboard.close()
-    barrier()
+    run_folder.check_writable(layout.root)
+    # One run per folder: rank 0 holds the folder's lock for the run's life (the OS drops it on a crash).
+    with hold_run_lock(layout.root, "pre-training run") if runtime.is_main else contextlib.nullcontext():
+        barrier()
+        progress = prepare_output(cfg, layout, resume, overwrite)
+        run = Run(cfg, layout, runtime, TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main), progress,
+                  ShardedCorpus(cfg.data.shard_dir, "train"))
+        ticket = obtain_ticket(run, phase_steps(cfg, dense=True))
+        train_phases(run, ticket)
+        report = None
+        if run.is_main:
+            report = write_run_report(layout.root, cfg.mode, run.progress, compare_to)
+            print(render_run_report(report), end="")
+        run.tensorboard.close()
+        barrier()
     return report

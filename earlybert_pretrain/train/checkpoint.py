@@ -13,13 +13,16 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from earlybert_pretrain.common.files import atomic_write_json, atomic_write_text, sha256_file
+from earlybert_pretrain.errors import ConfigError, RunError
 from earlybert_pretrain.train.distributed import barrier, from_every_rank, rank, world_size
 
 logger = logging.getLogger(__name__)
@@ -107,7 +110,7 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str, client_state:
     if not match:
         raise ValueError(f"checkpoint tag {tag!r}: expected '<stage>-step<number>', see checkpoint_tag()")
     if keep < 1:
-        raise ValueError(f"engine.keep_checkpoints must be >= 1, got {keep}")
+        raise ConfigError(f"engine.keep_checkpoints must be >= 1, got {keep}")
     ckpt_dir = Path(ckpt_dir)
     tag_dir = ckpt_dir / tag
     if rank() == 0 and tag_dir.exists():  # a crashed save of the same tag: start clean
@@ -156,8 +159,10 @@ def _check_files(tag_dir: Path, marker: dict) -> str | None:
     return next((verdict for verdict in from_every_rank(_local_problem(tag_dir, marker)) if verdict), None)
 
 
-def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | None = None) -> dict | None:
+def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | None = None,
+                           **load_options: bool) -> dict | None:
     """Load the newest complete checkpoint (of ``stage``, when given) into ``engine``; return its client state.
+    ``load_options`` go to DeepSpeed's ``load_checkpoint`` (e.g. ``load_lr_scheduler_states=False``).
 
     The tag named by ``latest`` comes first; when its files are missing, truncated, changed (sha256) or fail to load,
     the previous complete tag is tried, with a warning that names the tag and the file. None when there is no
@@ -175,7 +180,7 @@ def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | Non
         problem = _check_files(ckpt_dir / tag, marker)
         if problem is None:
             try:
-                load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+                load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, **load_options)
             except Exception as err:  # torch.load / DeepSpeed raise many types on a damaged file
                 problem = f"loading failed ({type(err).__name__}: {err})"
                 failed_loads.append(tag)
@@ -196,3 +201,28 @@ def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | Non
                            "the engine may hold part of one; build a fresh engine, or remove the damaged tags")
     return None
 
+
+
+def check_shared(ckpt_dir: Path) -> None:
+    """Checkpoints must be on a file system every rank shares: rank 0 writes a probe file, every rank looks for it.
+
+    Raises RunError on every rank, naming the folder and the ranks that cannot see the probe.
+    """
+    if world_size() == 1:
+        return
+    token = secrets.token_hex(8) if rank() == 0 else None
+    box = [token]
+    dist.broadcast_object_list(box, src=0)
+    probe = ckpt_dir / f".shared-probe-{box[0]}"
+    if rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(probe, box[0])
+    barrier()
+    sees = from_every_rank(probe.is_file() and probe.read_text() == box[0])
+    barrier()
+    if rank() == 0:
+        probe.unlink(missing_ok=True)
+    blind = [index for index, seen in enumerate(sees) if not seen]
+    if blind:
+        raise RunError(f"{ckpt_dir}: rank(s) {blind} do not see the file rank 0 just wrote there; checkpoints must be "
+                       f"on a file system every rank shares: set output_dir to a shared path (e.g. NFS, Lustre)")

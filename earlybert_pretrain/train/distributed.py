@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch.distributed as dist
+
+from earlybert_pretrain.errors import UserError
+
+T = TypeVar("T")
 
 
 def initialized() -> bool:
@@ -30,3 +37,30 @@ def from_every_rank(value: object) -> list:
     gathered = [None] * world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def on_main_rank(compute: Callable[[], T]) -> T:
+    """Run ``compute`` on rank 0 alone and hand its result to every rank (what only rank 0's disk holds reaches
+    the others through the process group). A UserError there is raised on every rank with the same message, so no
+    rank waits forever; any other error is raised on rank 0 and reported to the others."""
+    outcome: list = [None]
+    if rank() == 0:
+        try:
+            outcome = [("ok", compute())]
+        except UserError as err:
+            outcome = [("user-error", (type(err), str(err)))]
+            if world_size() == 1:
+                raise
+        except Exception:
+            if world_size() > 1:
+                dist.broadcast_object_list([("failed", None)], src=0)
+            raise
+    if world_size() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "user-error":
+        error_type, message = value
+        raise error_type(message)
+    if kind == "failed":
+        raise RuntimeError("rank 0 failed (see its traceback); this rank stops too")
+    return value

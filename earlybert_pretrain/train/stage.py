@@ -3,7 +3,7 @@
 A ``Stage`` owns its engine from build to release, as a context manager::
 
     with Stage.build(model, settings, runtime) as stage:   # seed, optimizer, schedule, engine
-        stage.resume()                                      # the stage's newest complete checkpoint, if any
+        stage.resume(hooks)                                 # the stage's newest complete checkpoint, if any
         result = stage.run(open_batches, steps, hooks)      # forward, backward, accumulate, clip, step, checkpoint
         save_pretrained(stage.module, folder)               # fp32 weights, whatever the training precision
     # the engine is released here (and on any error), so no caller holds a half-torn-down engine
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from earlybert_pretrain.config import OptimizerConfig
+from earlybert_pretrain.errors import RunError
 from earlybert_pretrain.train.checkpoint import (
     capture_rng_state,
     checkpoint_tag,
@@ -171,7 +172,6 @@ class Stage:
         self.timer = StepTimer(runtime.device)
         self.step, self.losses = 0, []
         self._hooks: Sequence[StageHook] = ()
-        self._resumed_hook_states: list[dict] | None = None
         logger.info("%s: %s", settings.name, json.dumps(self.description))
 
     @classmethod
@@ -231,27 +231,48 @@ class Stage:
         if any(not torch.equal(other, local) for other in everyone):
             raise RuntimeError(f"{self.settings.name}: data-parallel ranks disagree on {what}; the replicas diverged")
 
-    def resume(self, hooks: Sequence[StageHook] = ()) -> dict | None:
-        """Load the stage's newest complete checkpoint (engine, timer, RNG, hooks); returns the recipe's extra state."""
+    def resume(self, hooks: Sequence[StageHook] = ()) -> bool:
+        """Load the stage's newest complete checkpoint (engine, timer, RNG, hooks); False when there is none."""
         if self.settings.checkpoint_dir is None:
-            return None
+            return False
         client = load_latest_checkpoint(self.engine, self.settings.checkpoint_dir, self.settings.name)
         if client is None:
-            return None
+            return False
         self.step, self.losses = client["step"], client["losses"]
         self.timer.load_state_dict(client["timer"])
         restore_rng_state(client["rng"])
         for hook, state in zip(hooks, client["hooks"]):
             hook.load_state_dict(state)
-        return client["extra"]
+        return True
 
-    def run(self, open_batches: Callable[[int], Iterator[Batch]], steps: int, hooks: Sequence[StageHook] = (),
-            extra_state: Callable[[], dict] = dict) -> StageResult:
+    def save_handoff(self, stage: str, geometry: dict) -> None:
+        """Checkpoint the engine as it ends (fp32 masters, optimizer moments) for the next stage to continue from."""
+        save_checkpoint(self.engine, self.settings.checkpoint_dir, checkpoint_tag(stage, self.step),
+                        {"stage": stage, "geometry": geometry}, self.settings.keep_checkpoints)
+
+    def load_handoff(self, stage: str, geometry: dict, with_optimizer: bool = True) -> None:
+        """Start from the hand-off ``stage`` left: its weights and, with ``with_optimizer``, its optimizer state
+        (LAMB moments); this stage's own lr schedule restarts from its first step (NVIDIA's phase 2)."""
+        client = load_latest_checkpoint(
+            self.engine, self.settings.checkpoint_dir, stage, load_optimizer_states=with_optimizer,
+            load_lr_scheduler_states=False, load_module_only=not with_optimizer)
+        if client is None:
+            raise RunError(f"{self.settings.checkpoint_dir}: no complete '{stage}' checkpoint to continue from; "
+                           "the previous stage did not finish here (pass --overwrite to start over)")
+        if client["geometry"] != geometry:
+            raise RunError(f"{self.settings.checkpoint_dir}: the '{stage}' checkpoint holds a model of geometry "
+                           f"{client['geometry']}, this run builds {geometry}; pass --overwrite to start over")
+        scheduler = self.engine.lr_scheduler
+        if scheduler is not None:  # the loaded param groups carry the previous stage's last lr
+            for group, lr in zip(self.engine.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
+
+    def run(self, open_batches: Callable[[int], Iterator[Batch]], steps: int,
+            hooks: Sequence[StageHook] = ()) -> StageResult:
         """Train until ``steps`` optimizer steps are done or a hook stops the stage.
 
         ``open_batches(n)`` yields this rank's micro-batches from its ``n``-th on (n = steps done x accumulation), so
-        a resumed stage reads exactly the batches it would have read. ``extra_state()`` is saved with every
-        checkpoint and handed back by ``resume``.
+        a resumed stage reads exactly the batches it would have read.
         """
         self._hooks = hooks
         settings, device = self.settings, self.runtime.device
@@ -271,7 +292,7 @@ class Stage:
             self._log(steps, {**means, "lr": lr})
             if (settings.checkpoint_dir is not None and self.step % settings.checkpoint_every == 0
                     and self.step < steps and not stopped_early):
-                self._save_checkpoint(extra_state())
+                self._save_checkpoint()
         if stopped_early:
             logger.info("%s: stopped by a hook at step %d of %d", settings.name, self.step, steps)
         digests = from_every_rank(parameter_digest(self.module))
@@ -299,10 +320,10 @@ class Stage:
                 terms.append({name: value.detach().float() for name, value in values.items()})
         return {name: torch.stack([t[name] for t in terms]).mean().item() for name in terms[0]}
 
-    def _save_checkpoint(self, extra: dict) -> None:
+    def _save_checkpoint(self) -> None:
         client = {"stage": self.settings.name, "step": self.step, "losses": self.losses,
                   "timer": self.timer.state_dict(), "rng": capture_rng_state(),
-                  "hooks": [hook.state_dict() for hook in self._hooks], "extra": extra}
+                  "hooks": [hook.state_dict() for hook in self._hooks]}
         save_checkpoint(self.engine, self.settings.checkpoint_dir, checkpoint_tag(self.settings.name, self.step),
                         client, self.settings.keep_checkpoints)
 

@@ -1,0 +1,92 @@
+"""A run's output folder: one run per folder, --resume only with the same config and inputs, --overwrite only of
+what a run of this program wrote. Both recipes (pre-training, fine-tuning) use it.
+
+``run.json`` marks a folder as a run: its kind ("pre-training", "fine-tuning"), the config, digests of the inputs
+(ticket, shards, vocab, model) and argv. A folder holding other files is never a run and is never deleted:
+``--overwrite`` removes exactly the entries the recipe's layout names (``owned``), nothing else, so a user's notes
+or data placed beside a run survive.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from earlybert_pretrain.common.files import atomic_write_json, read_json
+from earlybert_pretrain.common.lock import LOCK_FILE
+from earlybert_pretrain.errors import RunError
+
+RUN_FILE = "run.json"
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{"phase1": {"lr": 1}} -> {"phase1.lr": 1}, to name the keys two configs differ in."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _differences(previous: dict, current: dict) -> list[str]:
+    previous, current = flatten(previous), flatten(current)
+    return sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
+
+
+def check_writable(folder: Path) -> None:
+    """One clear line when ``folder`` cannot hold a run: a file in its place, or no permission to write there."""
+    existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise RunError(f"{existing}: is a file, expected a folder for the run's output")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"{existing}: not writable (permission denied); choose another output_dir")
+
+
+def prepare(folder: Path, kind: str, config: dict, inputs: dict[str, str], owned: list[str], resume: bool,
+            overwrite: bool, is_main: bool) -> bool:
+    """Make ``folder`` this run's; True when an earlier run of the same config is being resumed.
+
+    Refused (RunError, nothing touched): a folder holding another run without --resume / --overwrite; --resume with
+    a different config or changed inputs (named); any folder that is not a run of this kind (its files named), even
+    with --overwrite.
+    """
+    check_writable(folder)
+    run_file = folder / RUN_FILE
+    present = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE) if folder.is_dir() else []
+    previous = read_json(run_file, what="run record") if run_file.is_file() else None
+    if previous is None and present:
+        listed = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        raise RunError(f"{folder} holds files that are not a {kind} run ({listed}); give an empty or new output_dir "
+                       f"(nothing there is deleted, not even with --overwrite)")
+    if previous is not None and previous.get("kind", kind) != kind:
+        raise RunError(f"{folder} holds a {previous.get('kind')} run, not a {kind} run; give another output_dir")
+    resuming = False
+    if previous is not None:
+        if overwrite:
+            if is_main:
+                for name in owned:
+                    path = folder / name
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink(missing_ok=True)
+        elif resume:
+            changed = _differences(previous.get("config", {}), config)
+            if changed:
+                raise RunError(f"{folder} holds a run with a different config ({', '.join(changed)} differ); resume "
+                               f"it with its own config or pass --overwrite to start over")
+            changed = _differences(previous.get("inputs", {}), inputs)
+            if changed:
+                raise RunError(f"{folder}: the run's inputs changed since it started ({', '.join(changed)}); "
+                               f"restore them, or pass --overwrite to start over")
+            resuming = True
+        else:
+            raise RunError(f"{folder} holds another {kind} run; pass --resume to continue it or --overwrite to "
+                           f"replace it")
+    if is_main:
+        atomic_write_json(run_file, {"kind": kind, "config": config, "inputs": inputs, "argv": sys.argv})
+    return resuming
