@@ -99,6 +99,6 @@ def test_every_module_imports_in_a_fresh_interpreter_in_dependency_order():
     """One fresh interpreter imports every module, dependencies first: each one's own imports suffice."""
     graph = {name: {dep for dep in deps if not name.startswith(dep + ".")} for name, deps in GRAPH.items()}
     order = [name for name in TopologicalSorter(graph).static_order() if not name.endswith("__main__")]
-    script = "import importlib\nfor name in %r:\n    importlib.import_module(name)\n" % order
+    script = f"import importlib\nfor name in {order!r}:\n    importlib.import_module(name)\n"
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

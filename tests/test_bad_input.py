@@ -21,16 +21,23 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from test_finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
+from test_pretrain import tiny_recipe
 
 from data_prep.cli import main as prep_main
+from earlybert_pretrain.finetune.cli import main as finetune_main
 from earlybert_pretrain.model.bert import BertConfig
+from earlybert_pretrain.pretrain.cli import main as pretrain_main
 from earlybert_pretrain.tickets.cli import main as ticket_main
 from earlybert_pretrain.tickets.draw import draw_ticket
 
 pytest_plugins = ["data_fixtures"]  # the session-wide build of the real dump (inputs of the later stages)
 
 REPO = Path(__file__).resolve().parent.parent
-CLIS: dict[str, Callable[[list[str]], int]] = {"earlybert-prep": prep_main, "earlybert-ticket": ticket_main}
+CLIS: dict[str, Callable[[list[str]], int]] = {"earlybert-prep": prep_main, "earlybert-ticket": ticket_main,
+                                               "earlybert-pretrain": pretrain_main,
+                                               "earlybert-finetune": finetune_main}
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -72,6 +79,7 @@ class Row:
     fault: str | None = None  # "enospc": every fsync fails with a full disk
     known_defect: str | None = None  # expected to fail until the named fix lands (strict: passing is reported)
     skip_as_root: str | None = None  # why the row cannot hold when run as root
+    dist: bool = False  # the CLI joins a (one-process) DeepSpeed process group
 
 
 def _dump(case: Case, name: str, body: str) -> Path:
@@ -117,9 +125,35 @@ def _model_folder(case: Case) -> Path:
     return folder
 
 
+def _pretrain(case: Case, *overrides: str, output: Path | None = None) -> list[str]:
+    """The tiny pre-training recipe on the real-dump shards, into the row's folder, with ``overrides``."""
+    recipe = case.file("tiny.yaml", yaml.safe_dump(tiny_recipe(case.wiki.shards)))
+    return ["--config", str(recipe), f"output_dir={output or case.root / 'run'}", *overrides]
+
+
+def _finetune(case: Case, *overrides: str, model: Path | None = None) -> list[str]:
+    """A tiny sentiment fine-tuning with a tiny model of its own vocab, into the row's folder."""
+    model = model or make_tiny_model(case.root / "model")
+    train = write_jsonl(case.root / "train.jsonl", sentiment_rows(16, 0))
+    return ["--task", "sst2", "--model", str(model), f"data.train_file={train}",
+            f"data.validation_files=[{train}]", f"output_dir={case.root / 'ft'}", "batch_size=8", *overrides]
+
+
 PARAMS_FIRST = "extract writes params.json before it reads the dump (data_prep/extract.py: check the dump first)"
 PREP = "earlybert-prep"
 TICKET = "earlybert-ticket"
+PRE = "earlybert-pretrain"
+FT = "earlybert-finetune"
+
+
+def _pre(name: str, setup, *expect: str) -> Row:
+    return Row(PRE, name, setup, expect, wiki=True, dist=True)
+
+
+def _ft(name: str, setup, *expect: str) -> Row:
+    return Row(FT, name, setup, expect, dist=True)
+
+
 ROWS = [
     # ---- earlybert-prep extract
     Row(PREP, "extract-missing-dump", lambda c: ["extract", "--input", str(c.root / "nope.xml.bz2"),
@@ -242,6 +276,46 @@ ROWS = [
     Row(TICKET, "apply-ticket-of-another-geometry", lambda c: [
         "apply", str(_model_folder(c)), str(c.ticket()), str(c.root / "out"), "--format", "padded"],
         ("hidden_size=64", "hidden_size=32")),
+    # ---- earlybert-pretrain: every refusal before the output folder exists (or is touched)
+    _pre("unknown-key", lambda c: _pretrain(c, "phase1.lrr=1"), "did you mean 'lr'"),
+    _pre("bad-mode", lambda c: _pretrain(c, "mode=fast"), "mode: expected one of"),
+    _pre("checkpoint-every-0", lambda c: _pretrain(c, "engine.checkpoint_every=0"), "engine.checkpoint_every"),
+    _pre("log-every-0", lambda c: _pretrain(c, "engine.log_every=0"), "engine.log_every"),
+    _pre("record-every-0", lambda c: _pretrain(c, "search.record_every=0"), "search.record_every"),
+    _pre("keep-checkpoints-0", lambda c: _pretrain(c, "engine.keep_checkpoints=0"), "engine.keep_checkpoints"),
+    _pre("ffn-ratio-above-1", lambda c: _pretrain(c, "search.ffn_ratio=1.5"), "ffn_ratio"),
+    _pre("prune-every-head", lambda c: _pretrain(c, "search.heads_to_prune=4"), "heads_to_prune"),
+    _pre("lr-0", lambda c: _pretrain(c, "phase1.lr=0"), "phase1: lr must be > 0"),
+    _pre("warmup-1", lambda c: _pretrain(c, "phase2.warmup=1.0"), "phase2", "warmup"),
+    _pre("masked-lm-prob", lambda c: _pretrain(c, "data.masked_lm_prob=1.5"), "data.masked_lm_prob"),
+    _pre("batch-not-divisible", lambda c: _pretrain(c, "phase1.global_batch_size=10"), "global batch (10"),
+    _pre("seq-beyond-positions", lambda c: _pretrain(c, "phase2.seq_len=128"), "max_position_embeddings=64"),
+    _pre("vocab-size-mismatch", lambda c: _pretrain(c, "model.vocab_size=1234"), "1234"),
+    _pre("shards-missing", lambda c: _pretrain(c, f"data.shard_dir={c.root / 'nope'}"), "{root}/nope"),
+    _pre("ticket-missing", lambda c: _pretrain(c, "mode=ticket", f"ticket={c.root / 'nope.json'}"),
+         "{root}/nope.json"),
+    _pre("ticket-of-another-geometry", lambda c: _pretrain(c, "mode=ticket", f"ticket={c.ticket()}"),
+         "hidden_size"),
+    _pre("output-is-a-file", lambda c: _pretrain(c, output=c.file("run", "x")), "{root}/run", "is a file"),
+    _pre("output-not-a-run-even-with-overwrite", lambda c: c.file("run/notes.txt", "mine") and _pretrain(
+        c, "--overwrite"), "{root}/run", "not a pre-training run (notes.txt)"),
+    _pre("compare-to-without-report", lambda c: (c.root / "dense").mkdir() or _pretrain(
+        c, "--compare-to", str(c.root / "dense")), "no report.json"),
+    _pre("compare-to-report-without-times", lambda c: c.file("dense/report.json", "{}") and _pretrain(
+        c, "--compare-to", str(c.root / "dense")), "not a finished run's report"),
+    # ---- earlybert-finetune
+    _ft("model-missing", lambda c: _finetune(c, model=c.root / "nope"), "{root}/nope"),
+    _ft("max-seq-beyond-positions", lambda c: _finetune(c, "max_seq_length=4096"), "max_position_embeddings=128"),
+    _ft("tokenizer-of-another-model", lambda c: _finetune(c, model=make_tiny_model(
+        c.root / "model", vocab_size=64)), "the tokenizer has", "vocab_size is 64"),
+    _ft("output-not-a-run", lambda c: c.file("ft/notes.txt", "mine") and _finetune(c), "not a fine-tuning run"),
+    _ft("ticket-of-another-geometry", lambda c: _finetune(c, "--mode", "ticket", "--ticket", str(c.ticket())),
+        "hidden_size"),
+    _ft("lr-negative", lambda c: _finetune(c, "lr=-1"), "lr"),
+    _ft("dense-metrics-not-metrics", lambda c: _finetune(c, f"dense_metrics={c.file('m.json', '[]')}"),
+        "dense_metrics"),
+    _ft("train-file-not-utf8", lambda c: _finetune(c, f"data.train_file={c.file('bad.jsonl', bytes([255, 254]))}"),
+        "{root}/bad.jsonl"),
 ]
 
 
@@ -268,6 +342,8 @@ def test_bad_input_is_one_line_and_changes_nothing(row: Row, tmp_path: Path, req
     if row.known_defect:
         request.applymarker(pytest.mark.xfail(reason=row.known_defect, strict=True))
     wiki = request.getfixturevalue("wiki_build") if row.wiki else None
+    if row.dist:
+        request.getfixturevalue("single_process_dist")
     case = Case(tmp_path / "row", wiki)
     case.root.mkdir()
     argv = row.setup(case)

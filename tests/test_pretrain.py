@@ -186,7 +186,8 @@ def expect_error(capsys, argv: list[str], message: str) -> None:
 def test_bad_input_is_one_clear_error(reference, recipe, tmp_path, capsys):
     out = reference
     base = ["--config", str(recipe)]
-    expect_error(capsys, [*base, f"output_dir={out}"], r"holds another pre-training run; pass --resume .* or --overwrite")
+    expect_error(capsys, [*base, f"output_dir={out}"],
+                 r"holds another pre-training run; pass --resume .* or --overwrite")
     expect_error(capsys, [*base, f"output_dir={out}", "--resume", "phase1.lr=0.5"],
                  r"different config \(phase1.lr differ")
     expect_error(capsys, [*base, f"output_dir={tmp_path / 'a'}", "phase1.lrr=1"], r"did you mean 'lr'")

@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from earlybert_pretrain.common.oserrors import user_filesystem_errors
 from earlybert_pretrain.config import load_config
 from earlybert_pretrain.errors import UserError
 from earlybert_pretrain.finetune.config import MODES, FinetuneConfig
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             run,  # heavy imports (torch, datasets, transformers) after the arguments are checked
         )
 
-        metrics = run(config, resume=args.resume, overwrite=args.overwrite)
+        with user_filesystem_errors(config.output_dir):
+            metrics = run(config, resume=args.resume, overwrite=args.overwrite)
     except UserError as err:  # anything else is a bug: it keeps its traceback
         print(f"earlybert-finetune: error: {err}", file=sys.stderr)
         return 2

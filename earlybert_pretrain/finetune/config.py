@@ -95,6 +95,12 @@ class FinetuneConfig:
             raise ConfigError(f"search.record_every: expected >= 1, got {self.search.record_every}")
         if self.search.steps is not None and self.search.steps < 1:
             raise ConfigError(f"search.steps: expected >= 1 (or null: search.epochs), got {self.search.steps}")
+        for name in ("lr", "epochs", "pruned_epochs", "pruned_lr_scale", "search.lr"):
+            value = self.search.lr if name == "search.lr" else getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{name}: expected a number >= 0 (or null: the paper's value), got {value}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"warmup: expected a fraction of the steps in [0, 1), got {self.warmup}")
 
 
 def resolve_schedule(config: FinetuneConfig, task: TaskSpec) -> tuple[float, float]:

@@ -83,7 +83,12 @@ def read_file(path: str | Path, task: TaskSpec) -> tuple[datasets.Dataset, int]:
     if path.suffix not in _LOADERS:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected .tsv, .json, .jsonl, .csv or "
                          ".parquet")
-    return datasets.load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train"), 0
+    try:
+        return datasets.load_dataset(_LOADERS[path.suffix], data_files=str(path), split="train"), 0
+    except datasets.exceptions.DatasetGenerationError as err:  # a malformed or non-UTF-8 row
+        cause = err.__cause__ or err
+        raise DataError(f"{path}: cannot read it as {path.suffix[1:]} ({type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else 'unreadable'})") from None
 
 
 def _rename_columns(dataset: datasets.Dataset, text_columns: list[str], label_column: str,
@@ -180,6 +185,8 @@ def _sources(task: TaskSpec, train_file: str, validation_files: list[str], data_
 def load_task_data(task: TaskSpec, train_file: str = "", validation_files: list[str] = (), data_dir: str = "",
                    text_columns: list[str] = (), label_column: str = "", max_train_examples: int | None = None,
                    max_eval_examples: int | None = None, need_train: bool = True) -> TaskData:
+    datasets.disable_progress_bars()  # stderr is for errors (one line each); the stage logs the progress
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its logged tracebacks would precede our one line
     sources = _sources(task, train_file, list(validation_files), data_dir)
     if not need_train:
         sources.pop("train")

@@ -326,6 +326,8 @@ def _train(config: FinetuneConfig, task: TaskSpec, runtime: Runtime, layout: Fin
            pad_id: int, squad: SquadSettings, data: TaskData, train_features: datasets.Dataset,
            eval_sets: dict[str, EvalSet], ticket: Ticket | None, dense_time: dict | None) -> dict:
     """Search (or resume it), prune, fine-tune (resuming its checkpoint), write metrics.json."""
+    if "finetune" in progress:  # a finished run: --resume has nothing left to do
+        return on_main_rank(lambda: read_json(layout.metrics, "metrics"))
     tensorboard = TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main)
     dense_epochs, dense_lr = resolve_schedule(dataclasses.replace(config, mode="dense"), task)
     epochs, lr = resolve_schedule(config, task)
@@ -372,6 +374,8 @@ def _train(config: FinetuneConfig, task: TaskSpec, runtime: Runtime, layout: Fin
     }
     if runtime.is_main:
         atomic_write_json(layout.metrics, metrics)
+        atomic_write_json(layout.progress, {**read_json(layout.progress, "progress"), "finetune": True}
+                          if layout.progress.is_file() else {"finetune": True})
     tensorboard.close()
     barrier()
     return metrics

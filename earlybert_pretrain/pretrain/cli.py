@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from earlybert_pretrain.common.oserrors import user_filesystem_errors
 from earlybert_pretrain.config import PretrainConfig, load_config
 from earlybert_pretrain.errors import UserError
 from earlybert_pretrain.pretrain.recipe import pretrain
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
-        pretrain(cfg, resume=args.resume, overwrite=args.overwrite, compare_to=args.compare_to)
+        with user_filesystem_errors(cfg.output_dir):
+            pretrain(cfg, resume=args.resume, overwrite=args.overwrite, compare_to=args.compare_to)
     except UserError as err:
         print(f"earlybert-pretrain: error: {err}", file=sys.stderr)
         return 2

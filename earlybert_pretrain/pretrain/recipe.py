@@ -275,11 +275,26 @@ def train_phases(run: Run, ticket: Ticket | None) -> None:
         run.finish_stage(name, record)
 
 
+def check_comparable(run_dir: Path) -> None:
+    """A --compare-to run must have finished with a report holding the times compared; checked before training."""
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise RunError(f"--compare-to {run_dir}: no report.json there (run the dense baseline first)")
+    report = read_json(path, "run report", RunError)
+    try:
+        float(report["total_seconds"])
+        for phase in ("phase1", "phase2"):
+            float(report["stages"][phase]["mean_step_seconds"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunError(f"--compare-to {path}: not a finished run's report (missing or bad {err}); give the folder "
+                       "of a finished pre-training run") from None
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
              compare_to: Path | None = None) -> dict:
     """The whole recipe as a table of contents: join the ranks, check, prepare the folder, ticket, phases, report."""
-    if compare_to is not None and not (compare_to / "report.json").is_file():
-        raise RunError(f"--compare-to {compare_to}: no report.json there (run the dense baseline first)")
+    if compare_to is not None:
+        check_comparable(compare_to)
     rank, world_size, device = init_distributed()
     # No force=True: a host application's (or pytest's) logging set-up stays as it is.
     logging.basicConfig(stream=sys.stdout, format=f"%(asctime)s [rank {rank}] %(message)s")

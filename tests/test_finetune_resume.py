@@ -1,0 +1,60 @@
+"""Fine-tuning on the one backend gains what pre-training had: one run per folder, --resume from checkpoints of the
+search and of the fine-tuning (SIGKILL mid-search and mid-fine-tuning -> the same weights and scores)."""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
+from test_pretrain import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], kill_on: str | None = None) -> tuple[int, str]:
+    process = subprocess.Popen([sys.executable, "-m", "earlybert_pretrain.finetune.cli", *args], cwd=ROOT,
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if kill_on and re.search(kill_on, line):
+            process.send_signal(signal.SIGKILL)
+            break
+    process.stdout.close()
+    return process.wait(timeout=300), "".join(lines)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_search_and_mid_finetuning_resumes_to_the_same_run(tmp_path):
+    model = make_tiny_model(tmp_path / "model")
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(64, 0))
+    dev = write_jsonl(tmp_path / "dev.jsonl", sentiment_rows(32, 1))
+    common = ["--task", "sst2", "--model", str(model), "--mode", "earlybert", f"data.train_file={train}",
+              f"data.validation_files=[{dev}]", "batch_size=16", "lr=1e-3", "search.steps=6", "search.record_every=2",
+              "search.heads_to_prune=1", "precision=fp32", "checkpoint_every=2", "log_every=1"]
+    reference = tmp_path / "reference"
+    code, log = run_cli([*common, f"output_dir={reference}"])
+    assert code == 0, log[-3000:]
+    code, log = run_cli([*common, f"output_dir={reference}"])
+    assert code == 2 and "holds another fine-tuning run; pass --resume" in log
+
+    out = tmp_path / "run"
+    for kill_on in (r"search step 5/6", r"finetune step 7/8"):  # checkpoints at search step 4, fine-tuning step 6
+        code, log = run_cli([*common, f"output_dir={out}", "--resume"], kill_on=kill_on)
+        assert code == -signal.SIGKILL, log[-3000:]
+    code, log = run_cli([*common, f"output_dir={out}", "--resume"])
+    assert code == 0, log[-3000:]
+    assert "search" not in re.findall(r"(\w+): resumed at step", log) and "finetune: resumed at step 6 of 8" in log
+    expected, got = (json.loads((folder / "metrics.json").read_text()) for folder in (reference, out))
+    assert got["ticket"]["digest"] == expected["ticket"]["digest"]
+    assert got["losses"] == expected["losses"] and got["epochs"] == expected["epochs"]
+    weights = [load_file(str(folder / "model" / "model.safetensors")) for folder in (reference, out)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    code, log = run_cli([*common, f"output_dir={out}", "--resume"])  # finished: nothing left to do
+    assert code == 0 and "step" not in re.sub(r"steps", "", log.split("metrics in")[0].split("\n")[-1])
