@@ -16,7 +16,7 @@ sha256 of its bytes, size, special tokens), ``tokenizer`` (file, sha256, setting
 shard entries: ``bin``/``idx`` file names, counts, ``max_token_id``, and per file ``<kind>_bytes``,
 ``<kind>_sha256`` and ``<kind>_blocks``, one blake2b-64 digest per ``block_bytes`` block), ``balance``, ``totals``.
 
-Verification (``verify_shard``), once per shard file per process: ``off`` compares sizes; ``sample`` (the default)
+Verification (``verify_shard``), once per shard file per process: ``sizes`` compares sizes only; ``sample`` (the default)
 also hashes ``SAMPLED_BLOCKS`` blocks of each file chosen at random per process, so many ranks together cover much of
 the corpus for little I/O each; ``full`` hashes every byte against the file's sha256.
 
@@ -40,7 +40,7 @@ FORMAT = "earlybert-shards-v2"
 STAGE = "shard"  # the data-prep stage that writes shards and this manifest
 BLOCK_BYTES = 1 << 20
 SAMPLED_BLOCKS = 2
-VERIFY_MODES = ("sample", "full", "off")
+VERIFY_MODES = ("sample", "full", "sizes")
 
 MAGIC = b"EBIDX\x00\x00\x01"
 HEADER_BYTES = 32
@@ -255,7 +255,7 @@ def verify_shard(shard_dir: Path, entry: dict[str, Any], mode: str = "sample") -
         if stat.st_size != size:
             raise DataError(f"{path}: {stat.st_size} bytes, {manifest_path} says {size}")
         key = (str(path.resolve()), mode, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        if mode == "off" or key in _verified:
+        if mode == "sizes" or key in _verified:
             continue
         if mode == "full" and sha256_file(path) != entry[f"{kind}_sha256"]:
             raise DataError(f"{path}: sha256 disagrees with {manifest_path} (corrupt or replaced shard)")

@@ -39,7 +39,7 @@ class DataConfig:
     short_seq_prob: float = 0.1
     whole_word_masking: bool = False
     # Shard check at load (data_prep.indexed.verify_shard): sizes + sampled blocks, every byte, or sizes only.
-    verify: Literal["sample", "full", "off"] = "sample"
+    verify: Literal["sample", "full", "sizes"] = "sample"
 
 
 @dataclass

@@ -236,14 +236,14 @@ def test_corrupt_shards_are_named(wiki_build, tmp_path: Path) -> None:
     data = bytearray(target.read_bytes())
     data[100], data[101] = data[101], (data[101] + 1) % 256
     target.write_bytes(bytes(data))
-    ShardedCorpus(shards, verify="off")  # same size: the size check passes...
+    ShardedCorpus(shards, verify="sizes")  # same size: the size check passes...
     with pytest.raises(DataError, match=re.escape(str(target)) + ".*sha256"):
         ShardedCorpus(shards, verify="full")  # ...the sha256 does not
     with pytest.raises(DataError, match=re.escape(str(target)) + ".*block digest"):
         ShardedCorpus(shards)  # nor the default sampled-block check (these shards are one block each)
     target.write_bytes(bytes(data[:-2]))
     with pytest.raises(DataError, match=re.escape(str(target)) + ".*bytes"):
-        ShardedCorpus(shards, verify="off")
+        ShardedCorpus(shards, verify="sizes")
 
 
 def test_token_ids_beyond_the_vocab_are_named(wiki_build, tmp_path: Path) -> None:
@@ -294,8 +294,8 @@ def test_sampled_block_check_reads_only_the_sampled_blocks(tmp_path: Path, monke
         indexed.verify_shard(tmp_path, entry, "full")
     monkeypatch.setattr(indexed.random, "sample", lambda population, k: [0, 1][:k])
     indexed.verify_shard(tmp_path, entry, "sample")  # a sample misses what it does not read; `full` is the remedy
-    indexed.verify_shard(tmp_path, entry, "off")
-    with pytest.raises(DataError, match="data.verify: expected one of sample, full, off"):
+    indexed.verify_shard(tmp_path, entry, "sizes")
+    with pytest.raises(DataError, match="data.verify: expected one of sample, full, sizes"):
         indexed.verify_shard(tmp_path, entry, "bogus")
 
 

@@ -308,7 +308,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
         barrier()
         progress = prepare_output(cfg, layout, resume, overwrite)
         run = Run(cfg, layout, runtime, TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main), progress,
-                  ShardedCorpus(cfg.data.shard_dir, "train"))
+                  ShardedCorpus(cfg.data.shard_dir, "train", verify=cfg.data.verify))
         ticket = obtain_ticket(run, phase_steps(cfg, dense=True))
         train_phases(run, ticket)
         report = None
