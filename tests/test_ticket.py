@@ -263,13 +263,14 @@ def test_layerwise_ffn_prunes_the_ratio_in_every_layer():
     assert [len(kept) for kept in ticket.heads_kept] == [4, 2]
 
 
-def test_ties_are_broken_deterministically_by_position():
+def test_ties_are_broken_deterministically():
+    """All coefficients tied: the seeded permutation decides, the same way every time (no layer favoured:
+    tests/test_precision.py)."""
     config = make_config("uniform-3x24")
     coefficients = {"head": [torch.ones(3), torch.ones(3)], "ffn": [torch.ones(40), torch.ones(40)]}
     ticket = draw_ticket(coefficients, heads_to_prune=1, ffn_ratio=0.5, config=config)
-    assert ticket.heads_kept == [[1, 2], [1, 2]]
-    # Flat order 0..79; each layer's last unit is its "best" and exempt, so 0..38 and layer 1's unit 0 go.
-    assert ticket.ffn_kept == [[39], list(range(1, 40))] and ticket.ffn_layers_kept_best_unit == [0]
+    assert [len(kept) for kept in ticket.heads_kept] == [2, 2]
+    assert sum(len(kept) for kept in ticket.ffn_kept) == 40 and all(len(kept) > 1 for kept in ticket.ffn_kept)
     assert ticket.digest() == draw_ticket(coefficients, 1, 0.5, config=config).digest()
 
 
@@ -303,7 +304,7 @@ def test_adversarial_coefficients_never_empty_a_layer():
     coefficients["ffn"][1] = torch.zeros(64)  # a whole layer the plain global pick would remove
     coefficients["head"][1] = torch.zeros(4)
     ticket = draw_ticket(coefficients, heads_to_prune=3, ffn_ratio=0.5, config=config)
-    assert ticket.ffn_kept[1] == [63]  # its best unit (ties: the last in position order survives)
+    assert len(ticket.ffn_kept[1]) == 1  # one unit (all tied: the seeded permutation picks which) survives
     assert ticket.ffn_layers_kept_best_unit == [1]
     assert sum(len(kept) for kept in ticket.ffn_kept) == 3 * 64 - 96  # the total stays exact
     assert [len(kept) for kept in ticket.heads_kept] == [1, 1, 1]

@@ -1,7 +1,9 @@
 """Drawing tickets: the L1 penalty of the search (Eq. 4), the coefficients, and the drawing rules (Sec. 3.2).
 
 See ``ticket.py`` for the rules: heads layer-wise by smallest |c_h|, FFN neurons globally (or per layer) by smallest
-|c_f|, ties broken by position, a layer never emptied.
+|c_f|, exact ties broken by a fixed seeded permutation of the positions (``_smallest_first``), a layer never emptied.
+A drawn ticket records the dtype of the coefficients it ranked (``coefficient_dtype``): fp32 in every precision mode,
+because the coefficients are fp32 parameters throughout (bf16/fp16 autocast only lowers the matmuls).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ def l1_penalty(model: BertPreTrainedModel, lam_heads: float = 1e-4, lam_ffn: flo
 
 
 def gather_coefficients(model: BertPreTrainedModel) -> dict[str, list[torch.Tensor]]:
-    """``{"head": [...], "ffn": [...]}``: detached float32 CPU copies, one tensor per layer."""
+    """``{"head": [...], "ffn": [...]}``: detached CPU copies in the model's own dtype, one tensor per layer (the
+    draw ranks them in float32 and records the dtype they had)."""
     gathered: dict[str, dict[int, torch.Tensor]] = {"head": {}, "ffn": {}}
     for kind, layer, coefficients in model.slimming_coefficients():
-        gathered[kind][layer] = coefficients.detach().float().cpu().clone()
+        gathered[kind][layer] = coefficients.detach().cpu().clone()
     layers = len(model.encoder_layers())
     for kind, per_layer in gathered.items():
         if len(per_layer) != layers:
@@ -74,9 +77,17 @@ def _heads_to_prune_per_layer(heads_to_prune: float, heads_per_layer: list[int])
     return counts
 
 
+TIE_BREAK_SEED = 0  # fixed, so a draw is a pure function of the coefficients (every rank, every rerun)
+
+
 def _smallest_first(scores: torch.Tensor) -> torch.Tensor:
-    """Indices ordering ``scores`` ascending; ties in position order (stable sort), so draws are reproducible."""
-    return torch.sort(scores, stable=True).indices
+    """Indices ordering ``scores`` ascending; exact ties in the order of a seeded random permutation of the positions.
+
+    Position order would favour layers: under global FFN pruning the tied units of layer 0 would always go first
+    (at step 0 every coefficient is 1.0). Values that differ are ordered by value alone.
+    """
+    shuffle = torch.randperm(len(scores), generator=torch.Generator().manual_seed(TIE_BREAK_SEED))
+    return shuffle[torch.sort(scores[shuffle], stable=True).indices]
 
 
 def _top(scores: torch.Tensor, count: int) -> list[int]:
@@ -162,6 +173,13 @@ def _checked_coefficients(coefficients: Mapping, config: BertConfig) -> tuple[li
     return checked["head"], checked["ffn"]
 
 
+def _dtype_name(coefficients: Mapping) -> str:
+    """The dtype the coefficients had before ranking ("float32"; mixed dtypes joined with "+")."""
+    names = {str(torch.as_tensor(values).dtype).removeprefix("torch.")
+             for per_layer in coefficients.values() for values in per_layer}
+    return "+".join(sorted(names))
+
+
 def draw_ticket(model_or_coefficients: BertPreTrainedModel | Mapping, heads_to_prune: float = 4,
                 ffn_ratio: float = 0.3, ffn_scope: str = "global", *, config: BertConfig | None = None,
                 step: int | None = None, lam_heads: float | None = None, lam_ffn: float | None = None,
@@ -184,7 +202,8 @@ def draw_ticket(model_or_coefficients: BertPreTrainedModel | Mapping, heads_to_p
         coefficients = gather_coefficients(model_or_coefficients)
     head_scores, ffn_scores = _checked_coefficients(coefficients, config)
     return _draw_from_scores(head_scores, ffn_scores, config, heads_to_prune, ffn_ratio, ffn_scope,
-                             ffn_multiple_of, step=step, lam_heads=lam_heads, lam_ffn=lam_ffn)
+                             ffn_multiple_of, step=step, lam_heads=lam_heads, lam_ffn=lam_ffn,
+                             coefficient_dtype=_dtype_name(coefficients))
 
 
 def random_ticket(config: BertConfig, heads_to_prune: float = 4, ffn_ratio: float = 0.3, ffn_scope: str = "global",

@@ -8,11 +8,13 @@ the L1 penalty of the search stage (``l1_penalty``, Eq. 4) in ``draw.py``. Physi
 mask distances and the early-bird detector in ``distance.py``, the Figure-1 heatmap in ``history.py``.
 
 Drawing rules (Sec. 3.2): heads are pruned layer-wise by smallest |c_h| (a fixed count or ratio per layer); FFN
-neurons by smallest |c_f| over all layers at once ("global", the paper's choice) or per layer ("layerwise"). Ties
-are broken by position (lower layer, then lower index, is pruned first), so a draw is a pure function of the
-coefficients. A layer never loses all its units: under global FFN pruning each layer's best neuron is exempt, the
-next-smallest neuron elsewhere is pruned instead (the total stays exact), and ``ffn_layers_kept_best_unit`` records
-the layers where the rule changed the outcome.
+neurons by smallest |c_f| over all layers at once ("global", the paper's choice) or per layer ("layerwise"). Exact
+ties are broken by a fixed seeded permutation of the positions (``draw._smallest_first``), so a draw is a pure
+function of the coefficients and no layer or index is favoured. A layer never loses all its units: under global FFN
+pruning each layer's best neuron is exempt, the next-smallest neuron elsewhere is pruned instead (the total stays
+exact), and ``ffn_layers_kept_best_unit`` records the layers where the rule changed the outcome.
+``coefficient_dtype`` records the dtype of the coefficients a ticket was drawn from (float32 in every training
+precision; absent, i.e. None, in older tickets and random ones).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Ticket:
     ffn_multiple_of: int = 1  # kept FFN widths rounded to multiples of this (see _round_widths)
     # Layers whose best FFN neuron was kept because a plain global pick would have pruned them empty.
     ffn_layers_kept_best_unit: list[int] = field(default_factory=list)
+    coefficient_dtype: str | None = None  # dtype of the ranked coefficients ("float32"); None: random or older
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
