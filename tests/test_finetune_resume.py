@@ -41,6 +41,11 @@ def test_sigkill_mid_search_and_mid_finetuning_resumes_to_the_same_run(tmp_path)
     reference = tmp_path / "reference"
     code, log = run_cli([*common, f"output_dir={reference}"])
     assert code == 0, log[-3000:]
+    # Progress as pre-training shows it: every step of both stages with loss, lr, throughput, ETA; scores per epoch.
+    line = r"(search|finetune) step (\d+)/(\d+)  loss [\d.]+.*lr [\d.e-]+  [\d.]+ seq/s  ETA \d+m\d\ds"
+    progress = re.findall(line, log)
+    assert progress == [("search", str(i), "6") for i in range(1, 7)] + [("finetune", str(i), "8") for i in range(1, 9)]
+    assert re.search(r"epoch 1 \(step \d+/8\): \{", log), log[-3000:]
     code, log = run_cli([*common, f"output_dir={reference}"])
     assert code == 2 and "holds another fine-tuning run; pass --resume" in log
 
