@@ -40,6 +40,9 @@ class DataConfig:
     whole_word_masking: bool = False
     # Shard check at load (data_prep.indexed.verify_shard): sizes + sampled blocks, every byte, or sizes only.
     verify: Literal["sample", "full", "sizes"] = "sample"
+    # Processes building micro-batches ahead of the step (0: in the training process), each `prefetch` ahead.
+    num_workers: int = 4
+    prefetch: int = 2
 
 
 @dataclass

@@ -26,6 +26,7 @@ the batches it would have seen.
 
 from __future__ import annotations
 
+import itertools
 import random
 from array import array
 from bisect import bisect_left
@@ -120,7 +121,7 @@ def build_sample_plan(corpus: ShardedCorpus, max_seq_len: int, short_seq_prob: f
     ``end >= begin + 2`` whose running token count ``cum[end] - cum[begin]`` reaches ``g`` (a C bisect over the
     shard's cumulative lengths), else at the document's end. The goals come from ``random.Random(seed)`` in the
     order the plan has always drawn them — one when a document starts, one after every closed chunk — so the plan
-    is the one the sentence-by-sentence loop built (tests/test_data.py keeps that loop as the reference).
+    is the one the sentence-by-sentence loop built (tests/test_sample_plan.py keeps that loop as the reference).
     """
     max_num_tokens = max_seq_len - 3
     draw = random.Random(seed)
@@ -171,8 +172,8 @@ class PretrainingBatches:
     """Infinite iterator of BERT pre-training micro-batches for one rank (see the module docstring).
 
     Global sample ``g`` goes to rank ``g % world_size``; each yielded micro-batch advances ``samples_consumed``
-    (a global count, all ranks together) by ``micro_batch_size * world_size``. Iterate it directly: a DataLoader
-    with prefetching workers would run ahead of what the model consumed.
+    (a global count, all ranks together) by ``micro_batch_size * world_size``. ``prefetched`` builds the same
+    micro-batches ahead in worker processes.
     """
 
     def __init__(
@@ -312,8 +313,46 @@ class PretrainingBatches:
         """Global sample indices of this rank's micro-batch that starts at global sample ``first_global``."""
         return [first_global + j * self.world_size + self.rank for j in range(self.micro_batch_size)]
 
+    def batch(self, first_global: int) -> dict[str, torch.Tensor]:
+        """This rank's micro-batch that starts at global sample ``first_global``, stacked into tensors."""
+        rows = [self.example(g) for g in self.batch_indices(first_global)]
+        return {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in rows[0]}
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while True:
-            rows = [self.example(g) for g in self.batch_indices(self.samples_consumed)]
+            batch = self.batch(self.samples_consumed)
             self.samples_consumed += self.micro_batch_size * self.world_size
-            yield {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in rows[0]}
+            yield batch
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch ``m`` of a stream opened at ``start_sample``: a pure function of the index, so any worker can
+    build any of them and a DataLoader hands them back in index order."""
+
+    def __init__(self, stream: PretrainingBatches) -> None:
+        self.stream = stream
+        self.start = stream.samples_consumed
+        self.stride = stream.micro_batch_size * stream.world_size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.stream.batch(self.start + index * self.stride)
+
+
+def prefetched(stream: PretrainingBatches, num_workers: int, prefetch: int,
+               pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """The stream's micro-batches from ``stream.samples_consumed`` on, built ``prefetch`` per worker ahead by
+    ``num_workers`` processes (0: in this process), pinned when ``pin_memory``.
+
+    How far the workers ran ahead is never a resume position: a stage reopens its batches from the optimizer
+    step it resumes at, and every batch is a pure function of its index.
+    """
+    if num_workers == 0:
+        return iter(stream)
+    loader = torch.utils.data.DataLoader(
+        MicroBatches(stream), batch_size=None, sampler=itertools.count(), num_workers=num_workers,
+        prefetch_factor=prefetch, pin_memory=pin_memory, persistent_workers=False,
+        # fork shares the memory-mapped shards and the plan copy-on-write instead of pickling them per worker
+        multiprocessing_context="fork",
+        # a private generator: the loader's base seed must not advance the global torch RNG (dropout)
+        generator=torch.Generator().manual_seed(stream.seed))
+    return iter(loader)

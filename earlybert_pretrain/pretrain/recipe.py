@@ -26,7 +26,7 @@ from earlybert_pretrain.config import PhaseConfig, PretrainConfig, config_to_dic
 from earlybert_pretrain.errors import ConfigError, RunError
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.model.hf import copy_tokenizer_files, save_pretrained
-from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus, check_vocab
+from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus, check_vocab, prefetched
 from earlybert_pretrain.pretrain.layout import RunLayout
 from earlybert_pretrain.pretrain.report import STAGES, render_run_report, write_run_report
 from earlybert_pretrain.tickets.draw import random_ticket
@@ -85,10 +85,14 @@ def validate(cfg: PretrainConfig, world_size: int) -> None:
     if not 0.0 < cfg.pruned_step_fraction <= 1.0 or cfg.total_steps < 2 or (cfg.search.steps or 0) < 1:
         raise RunError("pruned_step_fraction must be in (0, 1], total_steps >= 2 and search.steps >= 1")
     every = {"engine.checkpoint_every": cfg.engine.checkpoint_every, "engine.log_every": cfg.engine.log_every,
-             "engine.keep_checkpoints": cfg.engine.keep_checkpoints, "search.record_every": cfg.search.record_every}
+             "engine.keep_checkpoints": cfg.engine.keep_checkpoints, "search.record_every": cfg.search.record_every,
+             "data.prefetch": cfg.data.prefetch}
     for name, value in every.items():
         if value < 1:
             raise RunError(f"{name}: expected >= 1, got {value}")
+    if cfg.data.num_workers < 0:
+        raise RunError(f"data.num_workers: expected >= 0 (0 builds batches in the training process), "
+                       f"got {cfg.data.num_workers}")
     if not 0.0 < cfg.data.masked_lm_prob < 1.0:
         raise RunError(f"data.masked_lm_prob: expected a fraction in (0, 1), got {cfg.data.masked_lm_prob}")
     for name in ("phase1", "phase2"):
@@ -172,7 +176,7 @@ def train_stage(run: Run, stage: str, model: BertForPreTraining, phase: PhaseCon
             short_seq_prob=data.short_seq_prob, whole_word_masking=data.whole_word_masking,
             start_sample=micro_batches_done * phase.micro_batch_size * run.runtime.world_size)
         first_samples["by_rank"] = from_every_rank(stream.batch_indices(stream.samples_consumed))
-        return iter(stream)
+        return prefetched(stream, data.num_workers, data.prefetch, pin_memory=run.runtime.device.type == "cuda")
 
     with Stage.build(model, stage_settings(run, stage, phase, schedule_steps), run.runtime,
                      run.tensorboard) as built:

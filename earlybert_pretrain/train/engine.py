@@ -18,6 +18,7 @@ from torch import nn
 
 from earlybert_pretrain.config import Precision
 from earlybert_pretrain.errors import ConfigError
+from earlybert_pretrain.train.zero_lamb import make_lamb_exact_under_zero
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +60,11 @@ def deepspeed_config(global_batch_size: int, micro_batch_size: int, world_size: 
                          f"resolve_precision), got {precision!r}")
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage: expected 0..3, got {zero_stage}")
-    if optimizer_name == "lamb" and zero_stage >= 1:
+    if optimizer_name == "lamb" and zero_stage == 3:
         raise ConfigError(
-            f"engine.zero_stage={zero_stage} with LAMB: ZeRO >= 1 hands the optimizer flattened partitions, so LAMB's "
-            "trust ratio would be computed per partition instead of per tensor (measured 6.7e-2 off the reference "
-            "after 5 steps; ../shared/FACTS.md). Use engine.zero_stage=0 (BERT-large fits a 16 GB V100 without ZeRO) "
-            "or optimizer.name=adamw")
+            "engine.zero_stage=3 with LAMB: ZeRO 3 partitions the parameters themselves and gathers them layer by "
+            "layer, so the per-tensor trust ratio (train/zero_lamb.py) has no fixed partition map to work on; use "
+            "engine.zero_stage=1 or 2 (exact per-tensor LAMB), or optimizer.name=adamw")
     if grad_clip < 0:
         raise ConfigError(f"optimizer.grad_clip must be >= 0 (0 = off), got {grad_clip}")
     return {
@@ -73,7 +73,7 @@ def deepspeed_config(global_batch_size: int, micro_batch_size: int, world_size: 
         "gradient_accumulation_steps": global_batch_size // per_step,
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
-        "zero_allow_untested_optimizer": True,  # our client optimizers (AdamW) under ZeRO; LAMB is refused above
+        "zero_allow_untested_optimizer": True,  # our client optimizers under ZeRO (LAMB made exact in zero_lamb.py)
         # loss_scale 0 = dynamic loss scaling, starting at 2^16 and halving on overflow (skipped step).
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
@@ -119,6 +119,7 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    make_lamb_exact_under_zero(engine)  # ZeRO 1/2: per-tensor trust ratios over the flat partitions
     return engine
 
 

@@ -33,7 +33,8 @@ class Lamb(torch.optim.Optimizer):
     """LAMB with Adam bias correction, decoupled weight decay and a per-tensor trust ratio (torch._foreach ops).
 
     Each param group carries its own ``weight_decay`` (see ``weight_decay_groups``); state per parameter is
-    ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` (fp32 like the parameters DeepSpeed hands us).
+    ``step`` (int), ``exp_avg`` and ``exp_avg_sq`` (fp32 like the parameters DeepSpeed hands us). Under ZeRO 1/2 a
+    group's one parameter is a flat partition; ``partition_layouts`` (train/zero_lamb.py) keeps the ratio per tensor.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -49,6 +50,8 @@ class Lamb(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
         self.use_nvlamb = use_nvlamb
+        # Under ZeRO 1/2: flat partition id -> zero_lamb.PartitionLayout (set after deepspeed.initialize).
+        self.partition_layouts: dict = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -97,13 +100,20 @@ class Lamb(torch.optim.Optimizer):
             torch._foreach_add_(updates, params, alpha=weight_decay)
 
         if self.use_nvlamb or weight_decay != 0.0:
-            weight_norms = torch._foreach_norm(params)
-            update_norms = torch._foreach_norm(updates)
-            # Trust ratios stay tensors (no host sync): 1.0 where either norm is zero.
-            ratios = [torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w))
-                      for w, u in zip(weight_norms, update_norms)]
-            torch._foreach_mul_(updates, ratios)
+            self._apply_trust_ratios(params, updates)
         torch._foreach_add_(params, updates, alpha=-group["lr"])
+
+    def _apply_trust_ratios(self, params: list[torch.Tensor], updates: list[torch.Tensor]) -> None:
+        layout = self.partition_layouts.get(id(params[0]))
+        if layout is not None and layout.partition is params[0]:  # a ZeRO partition: norms per original tensor
+            layout.apply_trust_ratios(params[0], updates[0])
+            return
+        weight_norms = torch._foreach_norm(params)
+        update_norms = torch._foreach_norm(updates)
+        # Trust ratios stay tensors (no host sync): 1.0 where either norm is zero.
+        ratios = [torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w))
+                  for w, u in zip(weight_norms, update_norms)]
+        torch._foreach_mul_(updates, ratios)
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -177,12 +187,13 @@ def _on_cuda(model: nn.Module) -> bool:
     return any(p.is_cuda for p in model.parameters())
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> tuple[torch.optim.Optimizer, str]:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
+                    zero_stage: int = 0) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer for ``model`` (already on its training device) and the name of its kernel, for the run log.
 
     ``cfg.name``: lamb | adamw (torch AdamW, for fine-tuning). ``cfg.fused``: auto = apex FusedLAMB on CUDA when
     installed, else ours ("torch-foreach"); apex | deepspeed force that kernel (an error when it is absent); torch
-    forces ours.
+    forces ours. Under ZeRO 1/2 LAMB is ours: only it takes per-tensor trust ratios over partitions (zero_lamb.py).
     """
     groups = weight_decay_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
@@ -192,10 +203,14 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> tuple[
     if cfg.fused not in KERNELS:
         raise ConfigError(f"optimizer.fused: expected one of {', '.join(KERNELS)}, got {cfg.fused!r}")
     on_cuda = _on_cuda(model)
+    if cfg.fused in ("apex", "deepspeed") and zero_stage >= 1:
+        raise ConfigError(f"optimizer.fused={cfg.fused} with engine.zero_stage={zero_stage}: a fused LAMB kernel sees "
+                          "ZeRO's flat partitions and would take the trust ratio per partition, not per tensor; use "
+                          "optimizer.fused=auto (our per-tensor LAMB under ZeRO)")
     if cfg.fused in ("apex", "deepspeed") and not on_cuda:
         raise ConfigError(f"optimizer.fused={cfg.fused}: fused LAMB kernels run on CUDA only and the model is on the "
                           "CPU; use optimizer.fused=torch (or auto)")
-    if cfg.fused == "apex" or (cfg.fused == "auto" and on_cuda and _apex_available()):
+    if cfg.fused == "apex" or (cfg.fused == "auto" and zero_stage == 0 and on_cuda and _apex_available()):
         if not _apex_available():
             raise ConfigError("optimizer.fused=apex: NVIDIA Apex with its CUDA extensions (amp_C) is not installed "
                               "(the PyPI package 'apex' is unrelated); use optimizer.fused=auto")

@@ -43,6 +43,7 @@ from earlybert_pretrain.train.engine import build_engine, deepspeed_config, desc
 from earlybert_pretrain.train.optim import build_optimizer
 from earlybert_pretrain.train.schedules import build_scheduler
 from earlybert_pretrain.train.telemetry import StepTimer, TensorBoardLogger
+from earlybert_pretrain.train.zero_lamb import optimized_parameter_count, optimizer_state_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class Stage:
         _free_memory()
         seed_everything(settings.seed)
         model.to(runtime.device)  # before the optimizer: the fused-kernel choice looks at where the parameters live
-        optimizer, kernel = build_optimizer(model, settings.optimizer, settings.lr)
+        optimizer, kernel = build_optimizer(model, settings.optimizer, settings.lr, settings.zero_stage)
         schedule = settings.schedule
         scheduler = None if schedule.kind is None else build_scheduler(
             optimizer, schedule.total_steps, schedule.warmup, schedule.power, schedule=schedule.kind)
@@ -298,10 +299,12 @@ class Stage:
         digests = from_every_rank(parameter_digest(self.module))
         if len(set(digests)) != 1:
             raise RuntimeError(f"{settings.name}: data-parallel ranks hold different parameters (digests {digests})")
-        optimizer_parameters = sum(p.numel() for group in self.engine.optimizer.param_groups for p in group["params"])
+        optimizer_parameters = optimized_parameter_count(self.engine)
+        state_bytes = optimizer_state_bytes(self.engine)  # this rank's share: ZeRO 1/2 divide it by the world size
+        logger.info("%s: optimizer state per rank %s", settings.name, json.dumps(state_bytes))
         return StageResult(settings.name, self.step, steps, stopped_early, list(self.losses),
                            sum(p.numel() for p in self.module.parameters()), optimizer_parameters, digests,
-                           {**self.timer.summary(), "runtime": self.description})
+                           {**self.timer.summary(), "runtime": self.description, "optimizer_state_bytes": state_bytes})
 
     def train_step(self, micro_batches: Sequence[Batch], hooks: Sequence[StageHook] = ()) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (already on the device), timed; returns the mean loss terms."""

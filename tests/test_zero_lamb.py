@@ -1,0 +1,125 @@
+"""LAMB under ZeRO 1/2 is the LAMB of ZeRO 0: per-tensor trust ratios over flat partitions (train/zero_lamb.py).
+
+The 2-rank checks run tests/zero_lamb_ranks.py on two hand-launched ranks (gloo on the CPU): one launch compares
+ZeRO 0 / 1 / 2 / 2 with round-robin partitions / 2 with DeepSpeed's per-partition ratios; two more SIGKILL a ZeRO-2
+run after its step-5 checkpoint and resume it.
+"""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_pretrain import free_port, subprocess_env
+
+from earlybert_pretrain.config import OptimizerConfig
+from earlybert_pretrain.errors import ConfigError
+from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
+from earlybert_pretrain.train import optim
+from earlybert_pretrain.train.engine import deepspeed_config
+from earlybert_pretrain.train.optim import build_optimizer
+from earlybert_pretrain.train.zero_lamb import _fragments
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("zero_lamb_ranks.py")
+
+
+def launch(args: list[str], kill_on: str | None = None, timeout: float = 400) -> tuple[list[int], str]:
+    """Ranks 0 and 1 of ``zero_lamb_ranks.py args``; both SIGKILLed once rank 0's log matches ``kill_on``."""
+    port = free_port()
+    processes = []
+    for rank in (0, 1):
+        env = {**subprocess_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        processes.append(subprocess.Popen([sys.executable, str(WORKER), *args], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+                                          stderr=subprocess.STDOUT, text=True))
+    lines, deadline = [], time.monotonic() + timeout
+    for line in processes[0].stdout:
+        lines.append(line)
+        if (kill_on and re.search(kill_on, line)) or time.monotonic() > deadline:
+            for process in processes:
+                process.send_signal(signal.SIGKILL)
+            break
+    processes[0].stdout.close()
+    return [process.wait(timeout=120) for process in processes], "".join(lines)
+
+
+def worst_relative_error(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
+    """max over tensors of ||got - expected|| / ||expected||. Attention key biases are left out: their gradient is 0
+    in exact arithmetic (softmax ignores a per-query shift), so they hold only rounding noise, which the Adam-like
+    no-decay update normalises to full-size steps (checked apart, in absolute terms)."""
+    return max(float((got[name] - expected[name]).norm() / expected[name].norm())
+               for name in expected if not name.endswith("key.bias"))
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("zero_lamb") / "compare.pt"
+    codes, log = launch(["compare", str(out)])
+    assert codes == [0, 0], log[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def test_fragments_cut_tensors_at_partition_bounds_and_skip_padding():
+    # tensors of 5, 3 (+1 alignment padding), 4 elements at offsets 0, 5, 9; a 14-element buffer in two partitions
+    offsets, sizes = [0, 5, 9], [5, 3, 4]
+    assert _fragments(offsets, sizes, 0, 7) == [(0, 5, 0), (5, 2, 1)]
+    assert _fragments(offsets, sizes, 7, 14) == [(0, 1, 1), (2, 4, 2)]  # offset 8 is padding, 13 the tail
+    assert _fragments(offsets, sizes, 14, 21) == []  # a rank whose partition is all padding
+
+
+def test_lamb_accepted_at_zero_1_and_2_refused_at_3_and_fused_kernels_refused_under_zero(monkeypatch):
+    for stage in (1, 2):
+        assert deepspeed_config(64, 8, 1, "fp32", 1.0, stage, "lamb")["zero_optimization"]["stage"] == stage
+    with pytest.raises(ConfigError, match="zero_stage=3 with LAMB.*partitions the parameters themselves"):
+        deepspeed_config(64, 8, 1, "fp32", 1.0, 3, "lamb")
+    model = BertForPreTraining(BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=16, max_position_embeddings=8))
+    monkeypatch.setattr(optim, "_on_cuda", lambda model: True)
+    monkeypatch.setattr(optim, "_apex_available", lambda: True)
+    monkeypatch.setattr(optim, "_apex_lamb", lambda groups, cfg, lr: None)  # apex's kernel stands in (not here)
+    for fused in ("apex", "deepspeed"):
+        with pytest.raises(ConfigError, match=f"fused={fused} with engine.zero_stage=2.*per partition"):
+            build_optimizer(model, OptimizerConfig(fused=fused), 0.01, zero_stage=2)
+    assert build_optimizer(model, OptimizerConfig(fused="auto"), 0.01, zero_stage=1)[1] == "torch-foreach"
+    assert build_optimizer(model, OptimizerConfig(fused="auto"), 0.01)[1] == "apex-fused-lamb"
+
+
+@pytest.mark.slow
+def test_zero_1_and_2_lamb_equal_zero_0_and_per_partition_lamb_does_not(compared):
+    """10 steps on 2 ranks, uneven pruned geometry (heads 2/1, FFN 24/13) with slimming coefficients, 2 micro-batches
+    accumulated per step, clipping to 0.5, dropout on; engines built after a wider model's in the same process."""
+    reference = compared["zero0"]["weights"]
+    for name in ("zero1", "zero2", "zero2_round_robin"):
+        run = compared[name]
+        assert worst_relative_error(run["weights"], reference) < 1e-6, name
+        assert all(float((run["weights"][key] - reference[key]).abs().max()) < 1e-6
+                   for key in reference if key.endswith("key.bias")), name
+        assert len(set(run["digests"])) == 1 and run["optimizer_parameters"] == run["parameters"], name
+        decayed_on_rank0, decayed_on_rank1 = (groups[0] for groups in run["tensors_by_rank"])
+        assert set(decayed_on_rank0) & set(decayed_on_rank1), f"{name}: no tensor split between ranks"
+    assert worst_relative_error(compared["zero2_per_partition"]["weights"], reference) > 1e-2
+
+    state = {name: run["timing"]["optimizer_state_bytes"] for name, run in compared.items()}
+    assert state["zero0"]["master_weights"] == 0  # fp32 at ZeRO 0: LAMB steps the module's own parameters
+    for name in ("zero1", "zero2"):  # each rank keeps about half the moments, plus its fp32 partition
+        assert 0.45 < state[name]["moments"] / state["zero0"]["moments"] < 0.55
+        assert state[name]["master_weights"] == state[name]["moments"] // 2
+
+
+@pytest.mark.slow
+def test_zero_2_sigkill_after_a_checkpoint_resumes_to_bit_identical_weights(compared, tmp_path):
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "final.pt"
+    codes, log = launch(["train", str(out), str(checkpoints)], kill_on=r"resumable step 7/10")
+    assert codes == [-signal.SIGKILL] * 2, f"ended before step 7: {codes}\n{log[-3000:]}"
+    codes, log = launch(["train", str(out), str(checkpoints)])
+    assert codes == [0, 0], log[-3000:]
+    assert "resumable: resumed at step 5 of 10" in log
+    expected, got = compared["zero2"]["weights"], torch.load(out)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
