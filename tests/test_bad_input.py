@@ -13,6 +13,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -137,6 +138,17 @@ def _finetune(case: Case, *overrides: str, model: Path | None = None) -> list[st
     train = write_jsonl(case.root / "train.jsonl", sentiment_rows(16, 0))
     return ["--task", "sst2", "--model", str(model), f"data.train_file={train}",
             f"data.validation_files=[{train}]", f"output_dir={case.root / 'ft'}", "batch_size=8", *overrides]
+
+
+def _corrupt_shards(case: Case) -> Path:
+    """A copy of the real-dump shards with one byte of the first shard flipped (its size unchanged)."""
+    shards = case.root / "shards"
+    shutil.copytree(case.wiki.shards, shards)
+    first = sorted(shards.glob("*.bin"))[0]
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    first.write_bytes(bytes(data))
+    return shards
 
 
 PARAMS_FIRST = "extract writes params.json before it reads the dump (data_prep/extract.py: check the dump first)"
@@ -292,6 +304,10 @@ ROWS = [
     _pre("seq-beyond-positions", lambda c: _pretrain(c, "phase2.seq_len=128"), "max_position_embeddings=64"),
     _pre("vocab-size-mismatch", lambda c: _pretrain(c, "model.vocab_size=1234"), "1234"),
     _pre("shards-missing", lambda c: _pretrain(c, f"data.shard_dir={c.root / 'nope'}"), "{root}/nope"),
+    _pre("shard-bytes-flipped", lambda c: _pretrain(c, f"data.shard_dir={_corrupt_shards(c)}"),
+         "{root}/shards/", "disagree with the block digest"),
+    _pre("shard-bytes-flipped-full-check", lambda c: _pretrain(c, f"data.shard_dir={_corrupt_shards(c)}",
+                                                                "data.verify=full"), "sha256 disagrees"),
     _pre("ticket-missing", lambda c: _pretrain(c, "mode=ticket", f"ticket={c.root / 'nope.json'}"),
          "{root}/nope.json"),
     _pre("ticket-of-another-geometry", lambda c: _pretrain(c, "mode=ticket", f"ticket={c.ticket()}"),

@@ -1,7 +1,8 @@
 """EarlyBERT pre-training: search -> draw -> re-initialise -> phase 1 -> phase 2 (paper Sec. 3.2, 4.1, 4.3).
 
 Modes: ``earlybert`` (all stages), ``dense`` (plain BERT, 100% of the steps), ``random`` (a random ticket, same counts
-as a drawn one), ``ticket`` (train ``ticket: path``; no search). Every stage runs on the one training backend
+as a drawn one), ``ticket`` (train ``ticket: path``; no search), ``reduced`` (plain BERT for as many steps as a finished
+EarlyBERT run's time or FLOPs; see ``reduced.py``). Every stage runs on the one training backend
 (``train.stage.Stage``) and resumes from its last complete checkpoint; finished stages leave the files the next stage
 starts from (``theta0/``, ``ticket.json``, ``phase1_model/``; see ``layout.py`` for the whole folder).
 """
@@ -9,6 +10,7 @@ starts from (``theta0/``, ``ticket.json``, ``phase1_model/``; see ``layout.py`` 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -26,6 +28,7 @@ from earlybert_pretrain.config import PhaseConfig, PretrainConfig, config_to_dic
 from earlybert_pretrain.errors import ConfigError, RunError
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.model.hf import copy_tokenizer_files, save_pretrained
+from earlybert_pretrain.pretrain import reduced
 from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus, check_vocab, prefetched
 from earlybert_pretrain.pretrain.layout import RunLayout
 from earlybert_pretrain.pretrain.report import STAGES, render_run_report, write_run_report
@@ -71,8 +74,7 @@ class Run:
 
 def phase_steps(cfg: PretrainConfig, dense: bool) -> dict[str, int]:
     """Steps per phase: the preset's split of total_steps, times pruned_step_fraction for a pruned model (Sec. 4.3)."""
-    phase1 = round(cfg.total_steps * PRESETS[cfg.preset])
-    default = {"phase1": phase1, "phase2": cfg.total_steps - phase1}
+    default = reduced.split_steps(cfg.total_steps, PRESETS[cfg.preset])
     fraction = 1.0 if dense else cfg.pruned_step_fraction
     return {name: max(1, round(fraction * steps)) for name, steps in default.items()}
 
@@ -239,7 +241,7 @@ def phase1_model(run: Run, ticket: Ticket | None) -> BertForPreTraining:
 
 def obtain_ticket(run: Run, dense_steps: dict[str, int]) -> Ticket | None:
     cfg = run.cfg
-    if cfg.mode == "dense":
+    if cfg.mode in ("dense", "reduced"):
         return None
     if cfg.mode == "earlybert":
         return run_search(run, dense_steps)
@@ -294,16 +296,40 @@ def check_comparable(run_dir: Path) -> None:
                        "of a finished pre-training run") from None
 
 
+def reduce_steps(cfg: PretrainConfig, compare_to: list[Path], match_time: Path | None,
+                 match_flops: Path | None) -> tuple[PretrainConfig, reduced.StepMatch | None]:
+    """mode=reduced: the config with total_steps set to match the EarlyBERT run's time or FLOPs (Appendix A)."""
+    flag = "--match-time" if match_time is not None else "--match-flops" if match_flops is not None else None
+    if cfg.mode != "reduced":
+        if flag is not None:
+            raise RunError(f"{flag}: only with mode=reduced (this run is mode={cfg.mode})")
+        return cfg, None
+    if (match_time is None) == (match_flops is None):
+        raise RunError("mode=reduced: give one of --match-time EARLYBERT_RUN or --match-flops EARLYBERT_RUN")
+    share = PRESETS[cfg.preset]
+    if match_time is not None:
+        match = reduced.match_time(match_time, compare_to[0] if compare_to else None, share)
+    else:
+        match = reduced.match_flops(match_flops, cfg, share)
+    logger.info("reduced: %d + %d steps match %s's %s (%.4g vs %.4g)", match.steps["phase1"], match.steps["phase2"],
+                match.run, match.matched, match.cost, match.target)
+    return dataclasses.replace(cfg, total_steps=match.total_steps), match
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
-             compare_to: Path | None = None) -> dict:
+             compare_to: Path | list[Path] | None = None, match_time: Path | None = None,
+             match_flops: Path | None = None) -> dict:
     """The whole recipe as a table of contents: join the ranks, check, prepare the folder, ticket, phases, report."""
-    if compare_to is not None:
-        check_comparable(compare_to)
+    compare_to = [] if compare_to is None else [Path(compare_to)] if isinstance(compare_to, str | Path) else compare_to
+    for other in compare_to:
+        check_comparable(other)
     rank, world_size, device = init_distributed()
     # No force=True: a host application's (or pytest's) logging set-up stays as it is.
     logging.basicConfig(stream=sys.stdout, format=f"%(asctime)s [rank {rank}] %(message)s")
     logging.getLogger("earlybert_pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    cfg, match = reduce_steps(cfg, compare_to, match_time, match_flops)
     validate(cfg, world_size)
+    corpus = ShardedCorpus(cfg.data.shard_dir, "train", verify=cfg.data.verify)  # corrupt shards: before the folder
     layout = RunLayout(Path(cfg.output_dir))
     runtime = Runtime(rank, world_size, device, resolve_precision(cfg.engine.precision, device))
     run_folder.check_writable(layout.root)
@@ -311,13 +337,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
     with hold_run_lock(layout.root, "pre-training run") if runtime.is_main else contextlib.nullcontext():
         barrier()
         progress = prepare_output(cfg, layout, resume, overwrite)
-        run = Run(cfg, layout, runtime, TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main), progress,
-                  ShardedCorpus(cfg.data.shard_dir, "train", verify=cfg.data.verify))
+        tensorboard = TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main)
+        run = Run(cfg, layout, runtime, tensorboard, progress, corpus)
         ticket = obtain_ticket(run, phase_steps(cfg, dense=True))
         train_phases(run, ticket)
         report = None
         if run.is_main:
-            report = write_run_report(layout.root, cfg.mode, run.progress, compare_to)
+            others = compare_to + ([Path(match.run)] if match is not None else [])
+            report = write_run_report(layout.root, cfg.mode, run.progress, others,
+                                      match.to_dict() if match is not None else None)
             print(render_run_report(report), end="")
         run.tensorboard.close()
         barrier()
