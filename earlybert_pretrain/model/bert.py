@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import nn
 
 from earlybert_pretrain.common.tokens import IGNORE_INDEX
 from earlybert_pretrain.errors import ConfigError
+from earlybert_pretrain.model.unpad import Packing, sdpa_backend, varlen_attention, varlen_backend, worth_unpadding
 
 # Max predictions per sequence over sequence length: 20/128 and 80/512 in the BERT recipe (Sec. 4.1 setting).
 DEFAULT_MASKED_FRACTION = 20 / 128
@@ -51,6 +53,8 @@ class BertConfig:
     slimming: bool = False
     # Use NVIDIA Apex FusedLayerNorm when it is installed and the model runs on CUDA (same parameters, same math).
     fused_layer_norm: bool = True
+    # Run the per-token layers on the real tokens only (unpad.py): true, false, or auto (CUDA, enough padding).
+    unpad: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if not self.heads_per_layer:
@@ -87,6 +91,8 @@ class BertConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= float(getattr(self, name)) < 1.0:
                 raise ConfigError(f"BertConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.unpad not in (True, False, "auto"):
+            raise ConfigError(f"BertConfig.unpad must be true, false or 'auto', got {self.unpad!r}")
 
     @property
     def head_size(self) -> int:
@@ -142,15 +148,24 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = make_layer_norm(config.hidden_size, config.layer_norm_eps, config.fused_layer_norm)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                packing: Packing | None = None) -> torch.Tensor:
+        """[batch, seq, hidden]; with ``packing``, [tokens, hidden] of the real tokens alone."""
+        if packing is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        else:
+            input_ids, token_type_ids, positions = (packing.gather(input_ids), packing.gather(token_type_ids),
+                                                    packing.positions)
         embeddings = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
                       + self.token_type_embeddings(token_type_ids))
         return self.dropout(self.LayerNorm(embeddings))
 
 
 class BertSelfAttention(nn.Module):
-    """Q/K/V projections for this layer's heads and SDPA; returns the per-head context, concatenated."""
+    """Q/K/V projections for this layer's heads and SDPA; returns the per-head context, concatenated.
+
+    ``kernels`` records, per layout, the SDPA kernel the first training call of that layout dispatched to.
+    """
 
     def __init__(self, config: BertConfig, num_heads: int):
         super().__init__()
@@ -163,20 +178,42 @@ class BertSelfAttention(nn.Module):
         self.dropout_prob = config.attention_probs_dropout_prob
         # c_h of paper Eq. 2: one scalar per head, scaling its context output before W_O.
         self.head_coefficients = nn.Parameter(torch.ones(num_heads)) if config.slimming else None
+        self.kernels: dict[str, str] = {}
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
         return x.view(batch, seq, self.num_heads, self.head_size).transpose(1, 2)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _recording(self, layout: str) -> bool:
+        # is_compiling() first: under torch.compile the condition folds to False without a guard on the attributes
+        return not torch.compiler.is_compiling() and self.training and layout not in self.kernels
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | Packing | None) -> torch.Tensor:
+        """``attention_mask``: a boolean [B, 1, 1, T] key-padding mask, None (no padding: flash may run on CUDA), or
+        the Packing of unpadded [tokens, hidden] input."""
+        if isinstance(attention_mask, Packing):
+            return self._forward_packed(hidden, attention_mask)
         query, key, value = (self._split_heads(proj(hidden)) for proj in (self.query, self.key, self.value))
-        # Flash / memory-efficient kernels on CUDA; attention_mask is a boolean [B, 1, 1, T] key-padding mask.
-        context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=self.dropout_prob if self.training else 0.0)
+        dropout_p = self.dropout_prob if self.training else 0.0
+        layout = "padded" if attention_mask is not None else "unmasked"
+        if self._recording(layout):
+            self.kernels[layout] = sdpa_backend(query, key, value, attention_mask, dropout_p)
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout_p)
         if self.head_coefficients is not None:
             context = context * self.head_coefficients.view(1, -1, 1, 1).to(context.dtype)
         batch, _, seq, _ = context.shape
         return context.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_size)
+
+    def _forward_packed(self, hidden: torch.Tensor, packing: Packing) -> torch.Tensor:
+        query, key, value = (proj(hidden).view(-1, self.num_heads, self.head_size)
+                             for proj in (self.query, self.key, self.value))
+        dropout_p = self.dropout_prob if self.training else 0.0
+        if self._recording("unpadded"):
+            self.kernels["unpadded"] = varlen_backend(query, key, value, packing, dropout_p)
+        context = varlen_attention(query, key, value, packing, dropout_p)
+        if self.head_coefficients is not None:
+            context = context * self.head_coefficients.view(1, -1, 1).to(context.dtype)
+        return context.flatten(1)
 
 
 class BertSelfOutput(nn.Module):
@@ -198,7 +235,7 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config, num_heads)
         self.output = BertSelfOutput(config, num_heads * config.head_size)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | Packing | None) -> torch.Tensor:
         return self.output(self.self(hidden, attention_mask), hidden)
 
 
@@ -224,7 +261,7 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config, ffn_width)
         self.output = BertSelfOutput(config, ffn_width)  # W2, dropout, residual, LayerNorm: same shape as W_O's
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | Packing | None) -> torch.Tensor:
         attended = self.attention(hidden, attention_mask)
         return self.output(self.intermediate(attended), attended)
 
@@ -235,7 +272,7 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(
             BertLayer(config, heads, width) for heads, width in zip(config.heads_per_layer, config.ffn_per_layer))
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | Packing | None) -> torch.Tensor:
         for layer in self.layer:
             hidden = layer(hidden, attention_mask)
         return hidden
@@ -246,8 +283,9 @@ class BertPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, sequence_output: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.dense(sequence_output[:, 0]))
+    def forward(self, first_tokens: torch.Tensor) -> torch.Tensor:
+        """``first_tokens``: each sequence's [CLS] hidden state, [batch, hidden]."""
+        return torch.tanh(self.dense(first_tokens))
 
 
 class BertPreTrainedModel(nn.Module):
@@ -293,6 +331,16 @@ class BertPreTrainedModel(nn.Module):
                     torch.ones(layer.intermediate.dense.out_features, device=device))
         self.config.slimming = True
 
+    def attention_kernels(self) -> list[str]:
+        """The SDPA kernels training ran, as "layout:kernel" (e.g. "unmasked:flash", "padded:mem-efficient",
+        "unpadded:per-sequence:cpu-flash"), from each layer's first call per layout; "unrecorded" for a layer that
+        has not been called in training mode outside torch.compile."""
+        names = set()
+        for layer in self.encoder_layers():
+            kernels = layer.attention.self.kernels
+            names.update([f"{layout}:{kernel}" for layout, kernel in kernels.items()] or ["unrecorded"])
+        return sorted(names)
+
     def encoder_layers(self) -> list[BertLayer]:
         return list(self.bert_model().encoder.layer)
 
@@ -326,14 +374,38 @@ class BertModel(BertPreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sequence_output [batch, seq, hidden], pooled_output); unpadded, the padding positions hold zeros."""
+        hidden, pooled_output, packing = self.encode(input_ids, token_type_ids, attention_mask)
+        return (hidden if packing is None else packing.scatter(hidden)), pooled_output
+
+    def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, Packing | None]:
+        """(encoder output, pooled_output, packing): [tokens, hidden] of the real tokens when ``packing`` is not None
+        (the model runs unpadded, ``config.unpad``), else [batch, seq, hidden]."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        key_mask = None
-        if attention_mask is not None:
-            key_mask = attention_mask.bool()[:, None, None, :]  # True = attend; broadcast over heads and queries
-        sequence_output = self.encoder(self.embeddings(input_ids, token_type_ids), key_mask)
-        pooled_output = self.pooler(sequence_output) if self.pooler is not None else None
-        return sequence_output, pooled_output
+        lengths = None if attention_mask is None else attention_mask.bool().sum(1).tolist()  # one host sync
+        if lengths is None or min(lengths) == attention_mask.shape[1]:
+            key_mask, packing = None, None  # no padding: no mask, so SDPA may pick flash on CUDA
+        elif self._unpadded(attention_mask, lengths):
+            key_mask, packing = None, Packing.from_mask(attention_mask, lengths)
+        else:
+            key_mask, packing = attention_mask.bool()[:, None, None, :], None  # True = attend, over heads and queries
+        if packing is None:
+            hidden = self.encoder(self.embeddings(input_ids, token_type_ids), key_mask)
+            first_tokens = hidden[:, 0]
+        else:
+            hidden = self.encoder(self.embeddings(input_ids, token_type_ids, packing), packing)
+            first_tokens = packing.first_tokens(hidden)
+        pooled_output = self.pooler(first_tokens) if self.pooler is not None else None
+        return hidden, pooled_output, packing
+
+    def _unpadded(self, attention_mask: torch.Tensor, lengths: list[int]) -> bool:
+        if self.config.unpad is False or min(lengths) == 0:  # an all-padding row has no token to pool
+            return False
+        padding = 1.0 - sum(lengths) / attention_mask.numel()
+        return self.config.unpad is True or worth_unpadding(attention_mask.device, padding)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -382,16 +454,21 @@ class BertForPreTraining(BertPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 next_sentence_label: torch.Tensor | None = None) -> PreTrainingOutput:
-        sequence_output, pooled_output = self.bert(input_ids, token_type_ids, attention_mask)
+        hidden, pooled_output, packing = self.bert.encode(input_ids, token_type_ids, attention_mask)
         seq_relationship_logits = self.cls.seq_relationship(pooled_output)
         mlm_loss = nsp_loss = None
         if labels is None:
-            prediction_logits = self.cls.predictions(sequence_output)
+            prediction_logits = self.cls.predictions(hidden)
+            if packing is not None:  # zeros at the padding, which never went through the head
+                prediction_logits = packing.scatter(prediction_logits)
         else:
             # Sparse prediction: only masked positions go through the transform and the vocab-sized decoder, which
             # is the largest matmul at seq 128; the mean over them equals the dense cross-entropy with ignore_index.
+            # Unpadded, labels on padding positions are dropped with the padding (batches never set them).
+            if packing is not None:
+                labels = packing.gather(labels)
             masked = labels != IGNORE_INDEX
-            prediction_logits = self.cls.predictions(sequence_output[masked])
+            prediction_logits = self.cls.predictions(hidden[masked])
             if prediction_logits.shape[0]:
                 mlm_loss = F.cross_entropy(prediction_logits.float(), labels[masked])
             else:  # no masked token: a zero loss that keeps the graph (the dense mean would be 0/0 = NaN)

@@ -54,7 +54,7 @@ AUTO_MAP = {"AutoConfig": "configuration_earlybert.EarlyBertConfig",
             "AutoModelForSequenceClassification": "modeling_earlybert.EarlyBertForSequenceClassification",
             "AutoModelForQuestionAnswering": "modeling_earlybert.EarlyBertForQuestionAnswering"}
 # Our BertConfig fields transformers has no use for; a padded folder drops them all (its geometry is uniform).
-OUR_CONFIG_KEYS = ("heads_per_layer", "ffn_per_layer", "slimming", "fused_layer_norm")
+OUR_CONFIG_KEYS = ("heads_per_layer", "ffn_per_layer", "slimming", "fused_layer_norm", "unpad")
 PRUNED_GEOMETRY_KEY = "earlybert_pruned_geometry"  # a padded folder's note of the real sizes (transformers ignores it)
 
 HEAD_ROWS = ("attention.self.query", "attention.self.key", "attention.self.value")  # weight rows and bias
