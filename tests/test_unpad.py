@@ -9,11 +9,12 @@ from test_modeling import hf_model, ours_from, padded_batch
 from test_ticket import make_config, make_model, uneven_tickets
 
 from earlybert_pretrain.common.tokens import IGNORE_INDEX
-from earlybert_pretrain.config import PretrainConfig, build_dataclass
+from earlybert_pretrain.config import OptimizerConfig, PretrainConfig, build_dataclass
 from earlybert_pretrain.errors import ConfigError
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.model.unpad import Packing, varlen_attention
 from earlybert_pretrain.tickets.prune import prune
+from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageSettings
 
 TOLERANCE = 1e-5
 
@@ -201,3 +202,16 @@ def test_unpad_setting_in_a_config_file():
         build_dataclass(PretrainConfig, {"model": {"unpad": "yes"}})
     with pytest.raises(ConfigError, match="unpad"):
         BertConfig(unpad="sometimes")
+
+
+def test_the_run_log_names_the_kernels_of_the_first_step(single_process_dist):
+    model = make_model(no_dropout()).train()
+    batch = mlm_batch(model.config.vocab_size, batch=2)  # rows of 16 and 11 real tokens
+    full = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}
+    settings = StageSettings(name="kernels", seed=3, global_batch_size=4, micro_batch_size=2,
+                             optimizer=OptimizerConfig(), lr=1e-3, schedule=Schedule(total_steps=1, kind=None),
+                             grad_clip=1.0)
+    with Stage.build(model, settings, Runtime(0, 1, torch.device("cpu"), "fp32")) as stage:
+        assert "sdpa_backends" not in stage.description  # nothing has run yet
+        stage.run(lambda start: iter([full, batch]), 1)
+        assert stage.description["sdpa_backends"] == ["padded:cpu-flash", "unmasked:cpu-flash"]

@@ -130,21 +130,6 @@ def _layer_norm_kernel(model: nn.Module) -> str:
     return "torch-native-layer-norm" if names else "none"
 
 
-def _attention_backends(device: torch.device) -> list[str]:
-    """SDPA backends enabled and available here; on CUDA a padding mask rules flash out, so mem-efficient runs."""
-    if device.type != "cuda":
-        return ["cpu-flash", "math"]  # PyTorch's CPU flash kernel where the inputs allow, math otherwise
-    backends = []
-    major, _ = torch.cuda.get_device_capability(device)
-    if torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.is_flash_attention_available() and major >= 8:
-        backends.append("flash")
-    if torch.backends.cuda.mem_efficient_sdp_enabled():
-        backends.append("mem-efficient")
-    if torch.backends.cuda.math_sdp_enabled():
-        backends.append("math")
-    return backends
-
-
 def _compiled(engine) -> bool:
     """DeepSpeed's engine.compile(), or nn.Module.compile() on any submodule (the encoder, with engine.compile)."""
     return bool(engine.is_compiled) or any(getattr(m, "_compiled_call_impl", None) is not None
@@ -162,8 +147,7 @@ def describe_runtime(engine, optimizer_kernel: str) -> dict:
         "dynamic_loss_scaling": bool(engine.fp16_enabled() and engine.dynamic_loss_scale()),
         "optimizer_kernel": optimizer_kernel,
         "layer_norm_kernel": _layer_norm_kernel(engine.module),
-        "attention": "sdpa",
-        "sdpa_backends": _attention_backends(device),
+        "attention": "sdpa",  # the kernels it dispatches to are added after the first step (Stage)
         "zero_stage": engine.zero_optimization_stage(),
         "world_size": engine.world_size,
         "micro_batch_size": engine.train_micro_batch_size_per_gpu(),

@@ -287,6 +287,8 @@ class Stage:
                              for _ in range(accumulation)]
             lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside it)
             means = self.train_step(micro_batches, hooks)
+            if "sdpa_backends" not in self.description:
+                self._describe_attention()
             self.step += 1
             self.losses.append(means["loss"])
             stopped_early = any([hook.after_step(self, self.step) for hook in hooks])
@@ -322,6 +324,13 @@ class Stage:
                     values["l1"] = sum(extra)
                 terms.append({name: value.detach().float() for name, value in values.items()})
         return {name: torch.stack([t[name] for t in terms]).mean().item() for name in terms[0]}
+
+    def _describe_attention(self) -> None:
+        """The SDPA kernels the first step ran, not the ones enabled: our models record what SDPA dispatched to."""
+        kernels = getattr(self.module, "attention_kernels", None)
+        self.description["sdpa_backends"] = kernels() if callable(kernels) else ["unknown"]
+        logger.info("%s: attention kernels of the first step: %s", self.settings.name,
+                    ", ".join(self.description["sdpa_backends"]))
 
     def _save_checkpoint(self) -> None:
         client = {"stage": self.settings.name, "step": self.step, "losses": self.losses,
