@@ -124,7 +124,8 @@ class PretrainConfig:
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig = field(default_factory=lambda: PhaseConfig(
         seq_len=512, global_batch_size=32768, micro_batch_size=16, lr=4e-3, warmup=0.128, max_predictions=80))
-    mode: Literal["earlybert", "dense", "random", "ticket"] = "earlybert"
+    # reduced: dense, total_steps set by the CLI's --match-time / --match-flops (pretrain/reduced.py)
+    mode: Literal["earlybert", "dense", "random", "ticket", "reduced"] = "earlybert"
     ticket: str | None = None  # a ticket.json to train (mode "ticket")
     total_steps: int = 8601  # Sec. 4.1
     preset: Literal["paper", "nvidia"] = "paper"  # paper: 9/10 of the steps at seq 128; nvidia: 7,038 + 1,563

@@ -86,7 +86,7 @@ def test_pretrain_recipes_load(path):
 
 
 @pytest.mark.parametrize("cls, override, allowed", [
-    (PretrainConfig, "mode=fast", "'earlybert', 'dense', 'random', 'ticket'"),
+    (PretrainConfig, "mode=fast", "'earlybert', 'dense', 'random', 'ticket', 'reduced'"),
     (PretrainConfig, "preset=google", "'paper', 'nvidia'"),
     (PretrainConfig, "reinit=zeros", "'rewind', 'random'"),
     (PretrainConfig, "search.stop=never", "'fixed', 'early-bird'"),

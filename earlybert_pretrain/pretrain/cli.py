@@ -1,7 +1,10 @@
 """`earlybert-pretrain`: the pre-training CLI (the stages are in ``earlybert_pretrain.pretrain.recipe``).
 
     earlybert-pretrain --config configs/pretrain_bert_base.yaml [key=value ...] [--resume] [--overwrite]
-        [--compare-to DENSE_RUN_DIR]
+        [--compare-to RUN_DIR ...] [--match-time EARLYBERT_RUN_DIR | --match-flops EARLYBERT_RUN_DIR]
+
+``mode=reduced`` (BERT-Reduced, paper Appendix A) trains dense BERT for the steps that match a finished EarlyBERT
+run's time (``--match-time``, the per-step times from the dense ``--compare-to`` run) or FLOPs (``--match-flops``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. phase1.lr=1e-3")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir (or start it)")
     parser.add_argument("--overwrite", action="store_true", help="delete output_dir's previous run first")
-    parser.add_argument("--compare-to", type=Path, help="a dense run's output_dir, for the time saving")
+    parser.add_argument("--compare-to", type=Path, action="append",
+                        help="a finished run's output_dir (repeatable): a dense one gives the time saving; all are "
+                             "drawn and tabled beside this run")
+    match = parser.add_mutually_exclusive_group()
+    match.add_argument("--match-time", type=Path, metavar="RUN_DIR",
+                       help="mode=reduced: as many dense steps as this EarlyBERT run's Sec. 4.1 time")
+    match.add_argument("--match-flops", type=Path, metavar="RUN_DIR",
+                       help="mode=reduced: as many dense steps as this EarlyBERT run's training FLOPs")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed's launcher
     return parser.parse_intermixed_args(argv)
 
@@ -32,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
         with user_filesystem_errors(cfg.output_dir):
-            pretrain(cfg, resume=args.resume, overwrite=args.overwrite, compare_to=args.compare_to)
+            pretrain(cfg, resume=args.resume, overwrite=args.overwrite, compare_to=args.compare_to,
+                     match_time=args.match_time, match_flops=args.match_flops)
     except UserError as err:
         print(f"earlybert-pretrain: error: {err}", file=sys.stderr)
         return 2

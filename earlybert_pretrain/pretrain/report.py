@@ -32,19 +32,21 @@ def stage_summary(entry: dict) -> dict:
             "first_loss": losses[0], "final_loss": losses[-1]}
 
 
-def write_run_report(out: Path, mode: str, progress: dict,
-                     compare_to: Path | Sequence[Path] | None) -> dict:
+def write_run_report(out: Path, mode: str, progress: dict, compare_to: Path | Sequence[Path] | None,
+                     reduced: dict | None = None) -> dict:
     """report.json, report.txt and report.png in ``out``: each stage's steps, time, tokens and losses, the ticket,
-    and the time saved against the dense run in ``compare_to`` (its report.json; with several runs, the first);
-    the plot draws every ``compare_to`` run beside this one."""
+    the time saved against the first dense run in ``compare_to`` (its report.json), every run side by side, and for
+    mode=reduced what its steps matched (``reduced``, a ``StepMatch`` record); the plot draws every ``compare_to``
+    run beside this one."""
     if compare_to is None:
         others = []
     elif isinstance(compare_to, (str, os.PathLike)):
         others = [Path(compare_to)]
     else:
         others = [Path(run) for run in compare_to]
-    compare_to = others[0] if others else None
     curves = [(f"{mode} (this run)", progress)] + [run_curves(run) for run in others]  # read before writing
+    other_reports = [json.loads((run / "report.json").read_text()) for run in others]
+    dense_runs = [(run, other) for run, other in zip(others, other_reports) if other.get("mode") == "dense"]
     report = {"mode": mode, "output_dir": str(out), "total_seconds": stage_seconds(progress),
               "stages": {name: stage_summary(progress[name]) for name in STAGES if name in progress},
               "final_model": str(out / "final_model")}
@@ -55,18 +57,32 @@ def write_run_report(out: Path, mode: str, progress: dict,
                             "parameter_ratio": ticket["parameters"]["total"]["ratio"]}
         if (out / "search" / "heatmap.png").is_file():
             report["heatmap"] = str(out / "search" / "heatmap.png")
-    if compare_to is not None:
-        dense = json.loads((compare_to / "report.json").read_text())
+    if dense_runs:  # the time saving is against the first dense run
+        dense_dir, dense = dense_runs[0]
         report["compare_to"] = {
-            "dense_run": str(compare_to), "dense_seconds": dense["total_seconds"],
+            "dense_run": str(dense_dir), "dense_seconds": dense["total_seconds"],
             "time_ratio": report["total_seconds"] / dense["total_seconds"],
             "time_saved": 1.0 - report["total_seconds"] / dense["total_seconds"],
             "step_time_ratio": {name: report["stages"][name]["mean_step_seconds"] / dense["stages"][name][
                 "mean_step_seconds"] for name in ("phase1", "phase2")}}
+    if others:
+        report["side_by_side"] = [side_by_side(label, other) for (label, _), other in
+                                  zip(curves, [report, *other_reports])]
+    if reduced is not None:
+        report["reduced"] = reduced
     report["plot"] = str(write_loss_plot(out / PLOT_NAME, curves))
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.txt", render_run_report(report))
     return report
+
+
+def side_by_side(label: str, report: dict) -> dict:
+    """One run's row in the comparison table: steps per stage, Sec. 4.1 time, the last trained stage's loss."""
+    stages = report["stages"]
+    trained = [stage for stage in stages.values() if stage.get("final_loss") is not None]
+    return {"run": label, "mode": report["mode"], "total_seconds": report["total_seconds"],
+            "steps": {name: stages[name]["steps"] for name in ("search", "phase1", "phase2") if name in stages},
+            "final_loss": trained[-1]["final_loss"] if trained else None}
 
 
 @dataclass
@@ -156,6 +172,18 @@ def render_run_report(report: dict) -> str:
         lines.append(f"vs dense run {compare['dense_run']}: time ratio {compare['time_ratio']:.3f} "
                      f"(saved {compare['time_saved']:.1%}); step-time ratio phase 1 "
                      f"{compare['step_time_ratio']['phase1']:.3f}, phase 2 {compare['step_time_ratio']['phase2']:.3f}")
+    if "reduced" in report:
+        match = report["reduced"]
+        unit = "s" if match["matched"] == "time" else "FLOPs"
+        lines.append(f"reduced: {match['steps']['phase1']} + {match['steps']['phase2']} steps match the "
+                     f"{match['matched']} of {match['run']} ({match['cost']:.4g} vs {match['target']:.4g} {unit})")
+    if "side_by_side" in report:
+        lines.append("side by side                    mode        search  phase1  phase2   seconds  final loss")
+        for row in report["side_by_side"]:
+            steps = [str(row["steps"].get(name, "-")) for name in ("search", "phase1", "phase2")]
+            loss = "-" if row["final_loss"] is None else f"{row['final_loss']:.4f}"
+            lines.append(f"{row['run'][:31]:<31} {row['mode']:<10} {steps[0]:>7} {steps[1]:>7} {steps[2]:>7} "
+                         f"{row['total_seconds']:>9.1f}  {loss:>10}")
     if "plot" in report:
         lines.append(f"loss curves: {report['plot']}")
     lines.append(f"final model (HF format): {report['final_model']}")
