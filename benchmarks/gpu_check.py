@@ -357,7 +357,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.smoke_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        torch.set_num_threads(min(2, torch.get_num_threads()))
     from earlybert_pretrain.train.engine import init_distributed
     from earlybert_pretrain.train.stage import Runtime
 

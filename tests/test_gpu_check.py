@@ -1,0 +1,107 @@
+"""benchmarks/gpu_check.py: one line and exit 2 without CUDA; its arithmetic, peak table, kernel reading and tables
+with exact numbers; the whole run on the CPU with a tiny model (--smoke-cpu) to check the plumbing."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from earlybert_pretrain.model.bert import BertConfig, flops_per_token
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+_spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+gpu_check = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_check"] = gpu_check  # its dataclasses look their module up there
+_spec.loader.exec_module(gpu_check)
+
+
+def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}  # no GPU even on a GPU machine
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=timeout)
+
+
+def test_without_cuda_one_line_and_exit_2():
+    result = run_script()
+    assert result.returncode == 2
+    assert (result.stdout + result.stderr).strip() == gpu_check.NEEDS_CUDA
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, precision, tf32, peak", [
+    ("Tesla V100-SXM2-16GB", "fp16", False, 125.0),
+    ("Tesla V100-SXM2-32GB", "fp32", True, 15.7),  # no TF32 on Volta: the fp32 rate
+    ("Tesla V100-PCIE-16GB", "fp32", False, 14.0),
+    ("Tesla V100-SXM2-16GB", "bf16", False, None),
+    ("NVIDIA A100-SXM4-80GB", "bf16", False, 312.0),
+    ("NVIDIA A100-PCIE-40GB", "fp32", False, 19.5),
+    ("NVIDIA A100-SXM4-40GB", "fp32", True, 156.0),
+    ("NVIDIA H100 80GB HBM3", "bf16", False, 989.4),
+    ("NVIDIA H100 PCIe", "fp16", False, 756.0),
+    ("NVIDIA H100 NVL", "bf16", False, 835.0),
+    ("NVIDIA H200", "fp32", False, 66.9),
+    ("NVIDIA H200", "bf16", False, 989.4),
+    ("NVIDIA GeForce RTX 4090", "bf16", False, None),
+])
+def test_peak_table_lookup(name, precision, tf32, peak):
+    assert gpu_check.peak_tflops(name, precision, tf32) == peak
+
+
+def test_mfu_arithmetic():
+    assert gpu_check.achieved_tflops(100.0, 128, 1e9) == 12.8
+    assert gpu_check.mfu(100.0, 128, 1e9, 128.0) == 0.1
+    assert gpu_check.mfu(100.0, 128, 1e9, None) is None
+    # BERT-base at seq 128 (sparse MLM head): 1000 seq/s on a V100 in fp16 is 128,000 tokens/s.
+    per_token = flops_per_token(BertConfig(), 128)
+    assert gpu_check.mfu(1000.0, 128, per_token, 125.0) == 1000.0 * 128 * per_token / 1e12 / 125.0
+
+
+def test_classify_kernels():
+    apex_run = ["aten::native_layer_norm", "aten::_scaled_dot_product_efficient_attention", "aten::_foreach_mul_",
+                "void multi_tensor_apply_kernel<TensorListMetadata<4>, LAMBStage1Functor<float>>"]
+    assert gpu_check.classify_kernels(apex_run) == {
+        "lamb": "apex FusedLAMB", "layer_norm": "torch native", "sdpa": "mem-efficient"}
+    fused = ["void cuApplyLayerNorm<float>", "lamb_cuda_kernel_part1", "aten::_scaled_dot_product_flash_attention",
+             "aten::_scaled_dot_product_attention_math"]
+    assert gpu_check.classify_kernels(fused) == {
+        "lamb": "DeepSpeed FusedLamb", "layer_norm": "apex fused", "sdpa": "flash + math"}
+    assert gpu_check.classify_kernels(["aten::mm"]) == {
+        "lamb": "none seen", "layer_norm": "none seen", "sdpa": "none seen"}
+
+
+def test_format_table():
+    assert gpu_check.format_table(["a", "b"], [[1, "x"], [2.5, None]]) == (
+        "| a | b |\n|---|---|\n| 1 | x |\n| 2.5 | None |")
+    assert gpu_check.fmt(None, ".1f") == "n/a" and gpu_check.fmt(0.0415, ".1%") == "4.2%"
+
+
+def result(seq_len, precision, model, step_seconds, flops, losses=(), extra=False):
+    spec = gpu_check.RunSpec(seq_len, precision, model, 64, extra=extra)
+    return gpu_check.RunResult(spec, flops, 64, step_seconds, list(losses))
+
+
+def test_ratio_and_loss_tables():
+    results = [result(128, "fp32", "dense", 0.100, 100.0, [11.0, 9.0]),
+               result(128, "fp32", "ticket", 0.080, 70.0, [11.0, 9.5]),
+               result(128, "bf16", "dense", 0.050, 100.0, [11.0, 9.02]),
+               result(128, "fp32", "dense", 0.090, 100.0, [11.0, 9.0], extra=True)]
+    assert gpu_check.ratio_table(results).splitlines()[2] == "| 128 | fp32 | 0.800 | 0.700 | 1.143 |"
+    rows = gpu_check.loss_table(results, steps=2).splitlines()[2:]
+    assert rows == ["| 128 | fp32 | 11.0000 | 9.0000 | +0.0000 | +0.00% |",
+                    "| 128 | bf16 | 11.0000 | 9.0200 | +0.0200 | +0.22% |"]
+    # 64 sequences in 0.1 s = 640 seq/s; at 100 FLOPs per token and seq 128: 8.192e-6 TFLOP/s
+    assert results[0].sequences_per_second == 640.0
+
+
+def test_smoke_run_on_the_cpu(single_process_dist, capsys):
+    """The whole script (Stage.build, profiling, tables) with a tiny model: two runs, fp32 dense and ticket."""
+    assert gpu_check.main(["--smoke-cpu", "--steps", "2", "--warmup", "1", "--seqs", "32", "--tokens-per-step", "64",
+                           "--precisions", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "| 32 | fp32 | dense | auto | 2 |" in out and "| 32 | fp32 | ticket | auto | 2 |" in out
+    assert "torch-foreach | torch foreach (unfused) | torch native |" in out
+    assert "| 32 | fp32 | " in out.split("loss step 2")[1]  # the loss table has the fp32 row
