@@ -92,8 +92,9 @@ def test_deepspeed_config_derives_accumulation_and_refuses_bad_settings():
     config = deepspeed_config(65536, 64, 32, "fp16", 1.0, 0, "lamb")
     assert config["gradient_accumulation_steps"] == 32
     assert config["train_batch_size"] == 65536 and config["train_micro_batch_size_per_gpu"] == 64
-    assert config["fp16"]["enabled"] and config["fp16"]["loss_scale"] == 0  # 0 = dynamic loss scaling
-    assert not config["bf16"]["enabled"] and config["gradient_clipping"] == 1.0
+    # fp16 = autocast over fp32 parameters (fp32 gradient accumulation), DeepSpeed's GradScaler for dynamic scaling
+    assert config["torch_autocast"]["enabled"] and config["torch_autocast"]["dtype"] == "float16"
+    assert not config["fp16"]["enabled"] and not config["bf16"]["enabled"] and config["gradient_clipping"] == 1.0
     assert config["zero_optimization"]["stage"] == 0
     with pytest.raises(ConfigError, match=r"\(100, phase\*.global_batch_size\).*\(8, phase\*.micro_batch_size\)"
                                                 r".*\(3\)"):

@@ -80,23 +80,26 @@ def _heads_to_prune_per_layer(heads_to_prune: float, heads_per_layer: list[int])
 TIE_BREAK_SEED = 0  # fixed, so a draw is a pure function of the coefficients (every rank, every rerun)
 
 
-def _smallest_first(scores: torch.Tensor) -> torch.Tensor:
+def _smallest_first(scores: torch.Tensor, salt: int = 0) -> torch.Tensor:
     """Indices ordering ``scores`` ascending; exact ties in the order of a seeded random permutation of the positions.
 
     Position order would favour layers: under global FFN pruning the tied units of layer 0 would always go first
-    (at step 0 every coefficient is 1.0). Values that differ are ordered by value alone.
+    (at step 0 every coefficient is 1.0). Values that differ are ordered by value alone. Per-layer orders pass the
+    layer as ``salt``, so tied layers do not all lose the same indices.
     """
-    shuffle = torch.randperm(len(scores), generator=torch.Generator().manual_seed(TIE_BREAK_SEED))
+    generator = torch.Generator().manual_seed(TIE_BREAK_SEED + salt)
+    shuffle = torch.randperm(len(scores), generator=generator)
     return shuffle[torch.sort(scores[shuffle], stable=True).indices]
 
 
-def _top(scores: torch.Tensor, count: int) -> list[int]:
+def _top(scores: torch.Tensor, count: int, salt: int = 0) -> list[int]:
     """Sorted indices of the ``count`` largest scores: exactly the units a smallest-first pruning order keeps."""
-    return sorted(_smallest_first(scores)[len(scores) - count:].tolist())
+    return sorted(_smallest_first(scores, salt)[len(scores) - count:].tolist())
 
 
 def _prune_layerwise(scores: list[torch.Tensor], counts: list[int]) -> list[list[int]]:
-    return [_top(layer_scores, len(layer_scores) - count) for layer_scores, count in zip(scores, counts)]
+    return [_top(layer_scores, len(layer_scores) - count, layer)
+            for layer, (layer_scores, count) in enumerate(zip(scores, counts))]
 
 
 def _prune_global(scores: list[torch.Tensor], ratio: float) -> tuple[list[list[int]], list[int]]:
@@ -106,7 +109,7 @@ def _prune_global(scores: list[torch.Tensor], ratio: float) -> tuple[list[list[i
     offsets = np.cumsum([0] + sizes)
     flat = torch.cat(scores)
     order = _smallest_first(flat)
-    best = {int(offsets[layer]) + int(_smallest_first(s)[-1]) for layer, s in enumerate(scores)}
+    best = {int(offsets[layer]) + int(_smallest_first(s, layer)[-1]) for layer, s in enumerate(scores)}
     count = min(_prune_count(ratio, len(flat)), len(flat) - len(scores))
     pruned = [i for i in order.tolist() if i not in best][:count]
     naive = set(order[:count].tolist())
@@ -147,7 +150,7 @@ def _draw_from_scores(head_scores: list[torch.Tensor], ffn_scores: list[torch.Te
         rescued = []
     if ffn_multiple_of > 1:
         widths = _round_widths([len(kept) for kept in ffn_kept], config.ffn_per_layer, int(ffn_multiple_of))
-        ffn_kept = [_top(scores, width) for scores, width in zip(ffn_scores, widths)]
+        ffn_kept = [_top(scores, width, layer) for layer, (scores, width) in enumerate(zip(ffn_scores, widths))]
     return Ticket(heads_kept=heads_kept, ffn_kept=ffn_kept, source_geometry=geometry_of(config),
                   heads_to_prune=float(heads_to_prune), ffn_ratio=ffn_ratio, ffn_scope=ffn_scope,
                   ffn_layers_kept_best_unit=rescued, ffn_multiple_of=int(ffn_multiple_of), **metadata)

@@ -1,5 +1,11 @@
 """The DeepSpeed engine: precision, its config, joining the process group, building it, what runs where.
 
+Precision: bf16 and fp16 run as autocast over fp32 parameters (DeepSpeed's ``torch_autocast`` section), so gradients
+accumulate in the parameters' fp32 ``.grad`` and the slimming coefficients a ticket is drawn from stay fp32; fp16
+adds dynamic loss scaling (DeepSpeed's ZeRO-0 ``torch.amp.GradScaler``). DeepSpeed's own ``bf16`` / ``fp16`` sections
+are off: at ZeRO 0 they make the parameters and ``.grad`` half precision, so micro-batches accumulate in bf16/fp16
+(measured in benchmarks/accumulation.py), and ``grad_accum_dtype=fp32`` is refused there.
+
 The model and the optimizer know nothing of DeepSpeed; this module wraps them. A second, smaller engine can be built
 later in the same process (re-initialisation with the pruned model): the process group is never destroyed, because
 DeepSpeed keeps a handle to it (../shared/FACTS.md).
@@ -36,8 +42,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "fp16" and not on_cuda:
-        raise ConfigError("engine.precision=fp16: DeepSpeed's CPU accelerator does not support fp16; "
-                                "use engine.precision=bf16 (or fp32) on the CPU")
+        raise ConfigError("engine.precision=fp16: fp16 with loss scaling is for GPUs without bf16 (V100); "
+                          "use engine.precision=bf16 (or fp32) on the CPU")
     if requested == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("engine.precision=bf16: this GPU has no bf16 (e.g. V100); use engine.precision=fp16")
     return requested
@@ -74,13 +80,23 @@ def deepspeed_config(global_batch_size: int, micro_batch_size: int, world_size: 
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,  # our client optimizers under ZeRO (LAMB made exact in zero_lamb.py)
-        # loss_scale 0 = dynamic loss scaling, starting at 2^16 and halving on overflow (skipped step).
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        "bf16": {"enabled": precision == "bf16"},
+        **_precision_sections(precision),
         "steps_per_print": 10**9,  # our own log lines; DeepSpeed's would interleave with them
         "wall_clock_breakdown": False,
     }
+
+
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def _precision_sections(precision: str) -> dict:
+    """Autocast over fp32 parameters for bf16 / fp16; DeepSpeed's half-precision parameter modes stay off."""
+    autocast = {"enabled": False}
+    if precision in AUTOCAST_DTYPES:
+        # No module's gradients are tagged for half-precision reduction: under ZeRO 1/2 they are reduced in fp32 too.
+        # fp16 gets torch.amp.GradScaler from DeepSpeed: dynamic scaling from 2^16, halved on overflow (step skipped).
+        autocast = {"enabled": True, "dtype": AUTOCAST_DTYPES[precision], "lower_precision_safe_modules": []}
+    return {"fp16": {"enabled": False}, "bf16": {"enabled": False}, "torch_autocast": autocast}
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -117,10 +133,48 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
     """``deepspeed.initialize`` with our optimizer and scheduler; the process group is created once and then reused."""
     import deepspeed
 
+    if not ds_config.get("torch_autocast", {}).get("enabled"):
+        _forget_earlier_autocast()
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     make_lamb_exact_under_zero(engine)  # ZeRO 1/2: per-tensor trust ratios over the flat partitions
     return engine
+
+
+def _forget_earlier_autocast() -> None:
+    """DeepSpeed records the last autocast engine's dtype in module globals that its ZeRO optimizers read (an fp16
+    one adds a GradScaler); an engine without autocast built later in the same process must not inherit them."""
+    from deepspeed.runtime import torch_autocast
+
+    torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
+
+
+def loss_scaler(engine) -> torch.amp.GradScaler | None:
+    """fp16's dynamic loss scaler (DeepSpeed's ZeRO-0 autocast GradScaler, or its ZeRO optimizer's); None otherwise."""
+    return (getattr(engine, "torch_autocast_z0_gradscaler", None)
+            or getattr(engine.optimizer, "torch_autocast_gradscaler", None))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def precision_path(engine) -> str:
+    """The precision path as the engine runs it, read from its state: e.g. "bf16 autocast over fp32 parameters,
+    fp32 gradient accumulation". At ZeRO 0 micro-batches accumulate in ``.grad``, which has the parameters' dtype."""
+    parameters = _dtype_name(next(engine.module.parameters()).dtype)
+    if engine.torch_autocast_enabled():
+        compute = f"{_dtype_name(engine.torch_autocast_dtype())} autocast over {parameters} parameters"
+    else:
+        compute = f"{parameters} parameters" + (", fp32 masters in the optimizer" if parameters != "fp32" else "")
+    scaling = ", dynamic loss scaling" if loss_scaler(engine) is not None or engine.fp16_enabled() else ""
+    return f"{compute}{scaling}, {parameters} gradient accumulation"
+
+
+def _precision(engine) -> str:
+    if engine.torch_autocast_enabled():
+        return _dtype_name(engine.torch_autocast_dtype())
+    return "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
 
 
 def _layer_norm_kernel(model: nn.Module) -> str:
@@ -139,12 +193,13 @@ def _compiled(engine) -> bool:
 def describe_runtime(engine, optimizer_kernel: str) -> dict:
     """Which kernels and which precision are active, for the run log (issue 5 item 4)."""
     device = next(engine.module.parameters()).device
-    precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "precision": precision,
-        "dynamic_loss_scaling": bool(engine.fp16_enabled() and engine.dynamic_loss_scale()),
+        "precision": _precision(engine),
+        "precision_path": precision_path(engine),
+        "dynamic_loss_scaling": loss_scaler(engine) is not None or bool(engine.fp16_enabled()
+                                                                          and engine.dynamic_loss_scale()),
         "optimizer_kernel": optimizer_kernel,
         "layer_norm_kernel": _layer_norm_kernel(engine.module),
         "attention": "sdpa",  # the kernels it dispatches to are added after the first step (Stage)

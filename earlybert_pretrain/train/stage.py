@@ -39,7 +39,7 @@ from earlybert_pretrain.train.checkpoint import (
     save_checkpoint,
 )
 from earlybert_pretrain.train.distributed import from_every_rank
-from earlybert_pretrain.train.engine import build_engine, deepspeed_config, describe_runtime
+from earlybert_pretrain.train.engine import build_engine, deepspeed_config, describe_runtime, loss_scaler
 from earlybert_pretrain.train.optim import build_optimizer
 from earlybert_pretrain.train.schedules import build_scheduler
 from earlybert_pretrain.train.telemetry import StepTimer, TensorBoardLogger
@@ -214,9 +214,17 @@ class Stage:
         return self.engine.gradient_accumulation_steps()
 
     def full_precision_copies(self, params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
-        """fp32 CPU copies of ``params`` as the optimizer holds them (gathered under any ZeRO sharding)."""
+        """fp32 CPU copies of ``params`` as the optimizer holds them (gathered under any ZeRO sharding).
+
+        The parameters are the optimizer's fp32 values in every precision mode (bf16/fp16 are autocast over fp32
+        parameters, engine.py); a half-precision parameter would be a rounded copy of a master kept elsewhere.
+        """
         import deepspeed  # the stage is the one place that knows DeepSpeed's gather API
 
+        rounded = sorted({str(param.dtype) for param in params if param.dtype != torch.float32})
+        if rounded:
+            raise RuntimeError(f"{self.settings.name}: the module holds {', '.join(rounded)} parameters, rounded "
+                               "copies of the optimizer's fp32 masters; the engine must run autocast over fp32")
         with deepspeed.zero.GatheredParameters(list(params)):
             return [param.detach().float().cpu().clone() for param in params]
 
@@ -244,6 +252,9 @@ class Stage:
         restore_rng_state(client["rng"])
         for hook, state in zip(hooks, client["hooks"]):
             hook.load_state_dict(state)
+        scaler = loss_scaler(self.engine)
+        if scaler is not None and client.get("loss_scaler"):  # fp16: resume with the scale the run had reached
+            scaler.load_state_dict(client["loss_scaler"])
         return True
 
     def save_handoff(self, stage: str, geometry: dict) -> None:
@@ -336,13 +347,16 @@ class Stage:
         client = {"stage": self.settings.name, "step": self.step, "losses": self.losses,
                   "timer": self.timer.state_dict(), "rng": capture_rng_state(),
                   "hooks": [hook.state_dict() for hook in self._hooks]}
+        scaler = loss_scaler(self.engine)  # DeepSpeed's checkpoint does not hold the autocast GradScaler (fp16)
+        if scaler is not None:
+            client["loss_scaler"] = scaler.state_dict()
         save_checkpoint(self.engine, self.settings.checkpoint_dir, checkpoint_tag(self.settings.name, self.step),
                         client, self.settings.keep_checkpoints)
 
     def _log(self, steps: int, values: dict[str, float]) -> None:
         timer, name = self.timer, self.settings.name
         values = {**values, "grad_norm": self.engine.get_global_grad_norm(),
-                  "loss_scale": self.engine.optimizer.loss_scale if self.engine.fp16_enabled() else None,
+                  "loss_scale": scaler.get_scale() if (scaler := loss_scaler(self.engine)) is not None else None,
                   "sequences_per_second": self.engine.train_batch_size() / timer.last_seconds,
                   "tokens_per_second": timer.tokens / timer.total_seconds}
         self.tensorboard.scalars(values, self.step, prefix=f"{name}/")
