@@ -40,7 +40,8 @@ import torch
 from data_prep.indexed import IndexedShard, load_manifest, verify_shard
 from data_prep.indexed import check_vocab as check_vocab  # the recipe's import; data_prep.indexed defines it
 from earlybert_pretrain.common.files import sha256_file
-from earlybert_pretrain.common.tokens import IGNORE_INDEX, SPECIAL_TOKENS
+from earlybert_pretrain.common.masking import mask_tokens
+from earlybert_pretrain.common.tokens import SPECIAL_TOKENS
 from earlybert_pretrain.errors import ConfigError, DataError
 
 RANDOM_NEXT_TRIES = 10
@@ -281,33 +282,11 @@ class PretrainingBatches:
         return tokens[from_front : len(tokens) - (cut - from_front)]
 
     def _mask(self, input_ids: np.ndarray, len_a: int, len_b: int, rng: np.random.Generator) -> np.ndarray:
-        """Mask ``input_ids`` in place; returns the labels."""
+        """Mask ``input_ids`` in place (``common.masking``: BERT's 80/10/10 rule); returns the labels."""
         candidates = np.concatenate([np.arange(1, 1 + len_a), np.arange(2 + len_a, 2 + len_a + len_b)])
         budget = min(self.max_predictions, max(1, int(round((len_a + len_b + 3) * self.masked_lm_prob))))
-        if self.whole_word_masking:
-            # A "##" piece right after another candidate continues that word (never across [SEP]).
-            continues = self.is_continuation[input_ids[candidates]]
-            continues[1:] &= np.diff(candidates) == 1
-            continues[0] = False
-            words = np.split(candidates, np.flatnonzero(~continues)[1:])
-            chosen_words, taken = [], 0
-            for word in rng.permutation(len(words)):
-                if taken + len(words[word]) <= budget:
-                    chosen_words.append(words[word])
-                    taken += len(words[word])
-                if taken == budget:
-                    break
-            chosen = np.sort(np.concatenate(chosen_words)) if chosen_words else np.zeros(0, dtype=np.int64)
-        else:
-            chosen = np.sort(rng.permutation(candidates)[:budget])
-        labels = np.full(self.max_seq_len, IGNORE_INDEX, dtype=np.int64)
-        labels[chosen] = input_ids[chosen]
-        action = rng.random(len(chosen))
-        replacements = self.regular_ids[rng.integers(len(self.regular_ids), size=len(chosen))]
-        input_ids[chosen[action < 0.8]] = self.mask_id
-        random_slots = action >= 0.9
-        input_ids[chosen[random_slots]] = replacements[random_slots]
-        return labels
+        return mask_tokens(input_ids, candidates, budget, rng, self.mask_id, self.regular_ids,
+                           self.is_continuation if self.whole_word_masking else None)
 
     def batch_indices(self, first_global: int) -> list[int]:
         """Global sample indices of this rank's micro-batch that starts at global sample ``first_global``."""
