@@ -69,6 +69,9 @@ def test_classify_kernels():
              "aten::_scaled_dot_product_attention_math"]
     assert gpu_check.classify_kernels(fused) == {
         "lamb": "DeepSpeed FusedLamb", "layer_norm": "apex fused", "sdpa": "flash + math"}
+    cpu = ["aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_foreach_add_"]
+    assert gpu_check.classify_kernels(cpu) == {
+        "lamb": "torch foreach (unfused)", "layer_norm": "none seen", "sdpa": "flash (cpu)"}
     assert gpu_check.classify_kernels(["aten::mm"]) == {
         "lamb": "none seen", "layer_norm": "none seen", "sdpa": "none seen"}
 
@@ -98,10 +101,11 @@ def test_ratio_and_loss_tables():
 
 
 def test_smoke_run_on_the_cpu(single_process_dist, capsys):
-    """The whole script (Stage.build, profiling, tables) with a tiny model: two runs, fp32 dense and ticket."""
-    assert gpu_check.main(["--smoke-cpu", "--steps", "2", "--warmup", "1", "--seqs", "32", "--tokens-per-step", "64",
+    """The whole script (Stage.build, timing, profiling, tables) with a tiny model: fp32 dense and ticket."""
+    assert gpu_check.main(["--smoke-cpu", "--steps", "3", "--warmup", "1", "--seqs", "32", "--tokens-per-step", "64",
                            "--precisions", "fp32"]) == 0
     out = capsys.readouterr().out
     assert "| 32 | fp32 | dense | auto | 2 |" in out and "| 32 | fp32 | ticket | auto | 2 |" in out
     assert "torch-foreach | torch foreach (unfused) | torch native |" in out
-    assert "| 32 | fp32 | " in out.split("loss step 2")[1]  # the loss table has the fp32 row
+    ratios, losses = out.split("| pruned/dense step time |")[1].split("loss step 3")
+    assert "| 32 | fp32 | " in ratios and "| 32 | fp32 | " in losses
