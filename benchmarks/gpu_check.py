@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -223,18 +224,24 @@ def train(model: BertForPreTraining, spec: RunSpec, batch: int, runtime, steps: 
 
 def train_or_note(models: dict[str, BertForPreTraining], spec: RunSpec, runtime, steps: int,
                   warmup: int) -> RunResult:
-    """``train`` on a fresh copy of the model (DeepSpeed casts in place); on CUDA OOM retry once at half the batch."""
-    batch = spec.batch
+    """``train`` on a fresh copy of the model (DeepSpeed casts in place); on CUDA OOM retry once at half the batch.
+    A run that fails otherwise (e.g. optimizer.fused=apex without Apex) becomes a note, its traceback on stderr, so
+    that the other runs still report."""
+    batch, flops = spec.batch, models[spec.model].flops_per_token(spec.seq_len)
     for attempt in range(2):
         try:
             result = train(copy.deepcopy(models[spec.model]), spec, batch, runtime, steps, warmup)
-            if attempt:
-                result.note = f"out of memory at batch {spec.batch}; ran batch {batch}"
-            return result
         except torch.cuda.OutOfMemoryError:
             batch = max(1, batch // 2)
-    return RunResult(spec, models[spec.model].flops_per_token(spec.seq_len),
-                     note=f"out of memory at batch {spec.batch} and {batch}; lower --tokens-per-step")
+            continue
+        except Exception as err:  # reported in the table, the traceback kept on stderr
+            traceback.print_exc()
+            first_line = (str(err).splitlines() or [""])[0][:160]
+            return RunResult(spec, flops, batch, note=f"failed: {type(err).__name__}: {first_line}")
+        if attempt:
+            result.note = f"out of memory at batch {spec.batch}; ran batch {batch}"
+        return result
+    return RunResult(spec, flops, note=f"out of memory at batch {spec.batch} and {batch * 2}; lower --tokens-per-step")
 
 
 # ---------------------------------------------------------------------------------------------- the report

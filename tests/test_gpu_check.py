@@ -109,3 +109,16 @@ def test_smoke_run_on_the_cpu(single_process_dist, capsys):
     assert "torch-foreach | torch foreach (unfused) | torch native |" in out
     ratios, losses = out.split("| pruned/dense step time |")[1].split("loss step 3")
     assert "| 32 | fp32 | " in ratios and "| 32 | fp32 | " in losses
+
+
+def test_a_failing_run_becomes_a_note(capsys):
+    """optimizer.fused=apex on the CPU is a ConfigError: the check reports it in the table and goes on."""
+    import torch
+
+    from earlybert_pretrain.train.stage import Runtime
+
+    models = gpu_check.build_models(gpu_check.model_config(smoke=True))
+    spec = gpu_check.RunSpec(32, "fp32", "dense", 2, lamb_kernel="apex")
+    result = gpu_check.train_or_note(models, spec, Runtime(0, 1, torch.device("cpu"), "fp32"), steps=2, warmup=1)
+    assert result.note.startswith("failed: ConfigError: optimizer.fused=apex") and result.step_seconds is None
+    assert "Traceback" in capsys.readouterr().err
