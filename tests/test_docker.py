@@ -106,3 +106,11 @@ def test_multi_node_launch_needs_are_in_the_image():
     assert os.access(entrypoint, os.X_OK) and "/usr/sbin/sshd" in entrypoint.read_text()
     assert instructions("ENTRYPOINT") == ['ENTRYPOINT ["/workspace/earlybert/docker/entrypoint.sh"]']
     assert "WORKDIR /workspace/earlybert" in DOCKERFILE  # the same path on every node: the launcher cds there
+
+
+def test_build_context_lets_every_copied_path_through():
+    ignore = (ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:] for line in ignore if line.startswith("!")}
+    assert "*" in ignore, "an allow-list: everything else (.venv, runs/, .git) stays out of the context"
+    copied = [src for copy in instructions("COPY") for src in copy.split()[1:-1] if not src.startswith("--")]
+    assert copied and all(src in allowed for src in copied), sorted(set(copied) - allowed)
