@@ -5,6 +5,7 @@ is not built by the tests)."""
 import ast
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,8 @@ def test_multi_node_launch_needs_are_in_the_image():
     assert "sshd_config.d" in apt and "ssh_config.d" in apt and apt.count("Port 2222") == 2  # server and client
     entrypoint = ROOT / "docker" / "entrypoint.sh"
     assert os.access(entrypoint, os.X_OK) and "/usr/sbin/sshd" in entrypoint.read_text()
+    subprocess.run(["bash", "-n", str(entrypoint)], check=True)
+    assert 'exec "$@"' in entrypoint.read_text()
     assert instructions("ENTRYPOINT") == ['ENTRYPOINT ["/workspace/earlybert/docker/entrypoint.sh"]']
     assert "WORKDIR /workspace/earlybert" in DOCKERFILE  # the same path on every node: the launcher cds there
 
