@@ -305,7 +305,8 @@ def ratio_table(results: Sequence[RunResult]) -> str:
         dense = by_key.get((seq_len, precision, "dense"))
         if model != "ticket" or dense is None or not (dense.step_seconds and ticket.step_seconds):
             continue
-        measured = ticket.step_seconds / dense.step_seconds
+        # per sequence, in case an out-of-memory retry ran one of the two at a smaller batch
+        measured = (ticket.step_seconds / ticket.batch) / (dense.step_seconds / dense.batch)
         predicted = ticket.flops_per_token / dense.flops_per_token
         rows.append([seq_len, precision, f"{measured:.3f}", f"{predicted:.3f}", f"{measured / predicted:.3f}"])
     return format_table(["seq", "precision", "pruned/dense step time", "FLOP ratio", "time / FLOP"], rows)

@@ -93,6 +93,9 @@ def test_ratio_and_loss_tables():
                result(128, "bf16", "dense", 0.050, 100.0, [11.0, 9.02]),
                result(128, "fp32", "dense", 0.090, 100.0, [11.0, 9.0], extra=True)]
     assert gpu_check.ratio_table(results).splitlines()[2] == "| 128 | fp32 | 0.800 | 0.700 | 1.143 |"
+    results[1].batch = 32  # an out-of-memory retry at half the batch: the ratio is per sequence
+    assert gpu_check.ratio_table(results).splitlines()[2] == "| 128 | fp32 | 1.600 | 0.700 | 2.286 |"
+    results[1].batch = 64
     rows = gpu_check.loss_table(results, steps=2).splitlines()[2:]
     assert rows == ["| 128 | fp32 | 11.0000 | 9.0000 | +0.0000 | +0.00% |",
                     "| 128 | bf16 | 11.0000 | 9.0200 | +0.0200 | +0.22% |"]
