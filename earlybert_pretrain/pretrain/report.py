@@ -29,6 +29,8 @@ def stage_summary(entry: dict) -> dict:
     timing, losses = entry.get("timing", {}), entry.get("losses") or [None]
     return {"steps": entry.get("steps"), "seconds": timing.get("total_seconds"),
             "mean_step_seconds": timing.get("mean_step_seconds"), "tokens": timing.get("tokens"),
+            "tokens_per_second": timing.get("tokens_per_second"), "wall_seconds": timing.get("wall_seconds"),
+            "data_wait_seconds": timing.get("data_wait_seconds"), "data_wait_share": timing.get("data_wait_share"),
             "first_loss": losses[0], "final_loss": losses[-1]}
 
 
@@ -153,13 +155,20 @@ def write_loss_plot(path: Path, runs: list[tuple[str, dict]]) -> Path:
     return path
 
 
+def _cell(value: float | None, spec: str) -> str:
+    """A number in the stage table; a dash where a run recorded none (runs from before wall/data-wait timing)."""
+    return format(value, spec) if value is not None else "-".rjust(int(spec.split(".")[0]))
+
+
 def render_run_report(report: dict) -> str:
     lines = [f"EarlyBERT pre-training report ({report['mode']}): {report['output_dir']}",
-             "stage     steps   seconds   first loss  final loss"]
+             "stage     steps   seconds   first loss  final loss    wall s  data wait    tokens/s"]
     for name, stage in report["stages"].items():
         if stage["steps"] is not None:
+            timing = (f"{_cell(stage.get('wall_seconds'), '8.1f')}  {_cell(stage.get('data_wait_share'), '9.1%')}"
+                      f"  {_cell(stage.get('tokens_per_second'), '10.0f')}")
             lines.append(f"{name:<8} {stage['steps']:>6} {stage['seconds']:>9.1f}   {stage['first_loss']:>10.4f}"
-                         f"  {stage['final_loss']:>10.4f}")
+                         f"  {stage['final_loss']:>10.4f}  {timing}")
     lines.append(f"total time (Sec. 4.1 protocol): {report['total_seconds']:.1f} s")
     if "ticket" in report:
         ticket = report["ticket"]

@@ -294,8 +294,9 @@ class Stage:
         batches = open_batches(self.step * accumulation)
         stopped_early = False
         while self.step < steps and not stopped_early:
-            micro_batches = [{key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
-                             for _ in range(accumulation)]
+            with self.timer.data_wait():  # wall time the step waits for its batches, kept outside the step time
+                micro_batches = [{key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
+                                 for _ in range(accumulation)]
             lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside it)
             means = self.train_step(micro_batches, hooks)
             if "sdpa_backends" not in self.description:
@@ -358,7 +359,8 @@ class Stage:
         values = {**values, "grad_norm": self.engine.get_global_grad_norm(),
                   "loss_scale": scaler.get_scale() if (scaler := loss_scaler(self.engine)) is not None else None,
                   "sequences_per_second": self.engine.train_batch_size() / timer.last_seconds,
-                  "tokens_per_second": timer.tokens / timer.total_seconds}
+                  "tokens_per_second": timer.tokens / timer.total_seconds, "step_seconds": timer.last_seconds,
+                  "step_wall_seconds": timer.last_wall_seconds, "data_wait_seconds": timer.last_data_wait_seconds}
         self.tensorboard.scalars(values, self.step, prefix=f"{name}/")
         if self.runtime.is_main and (self.step % self.settings.log_every == 0 or self.step == steps):
             eta = timer.mean_step_seconds * (steps - self.step)

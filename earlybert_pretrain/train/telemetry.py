@@ -2,6 +2,10 @@
 
 The protocol: time every training step on its own, excluding data I/O (the batch is fetched before the timer
 starts), CUDA-synchronised on GPU, and average over the whole run; EarlyBERT's time includes its search stage.
+On CPU the protocol clock is the process's CPU seconds (``time.process_time``, all its threads): other jobs on a
+shared machine stretch wall time, not the CPU time this process spends, and data-loader workers are other
+processes, so their work stays out as the protocol wants. Wall-clock step time and the time spent waiting for a
+batch are kept beside it.
 """
 
 from __future__ import annotations
@@ -15,42 +19,68 @@ import torch
 
 
 class StepTimer:
-    """Accumulates per-step compute time; ``with timer.step(tokens=n): ...`` wraps exactly one training step."""
+    """Accumulates per-step time; ``with timer.step(tokens=n): ...`` wraps exactly one training step and
+    ``with timer.data_wait(): ...`` the fetch of its batches."""
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.synchronize = torch.cuda.is_available() and torch.device(device).type == "cuda"
-        self.total_seconds = 0.0
+        self.clock = "cuda_synchronized_wall" if self.synchronize else "process_cpu"
+        self._now = time.perf_counter if self.synchronize else time.process_time
+        self.total_seconds = self.wall_seconds = self.data_wait_seconds = 0.0
         self.steps = 0
         self.tokens = 0
-        self.last_seconds = 0.0
+        self.last_seconds = self.last_wall_seconds = self.last_data_wait_seconds = 0.0
 
     @contextlib.contextmanager
     def step(self, tokens: int = 0) -> Iterator[None]:
         if self.synchronize:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, wall_start = self._now(), time.perf_counter()
         yield
         if self.synchronize:
             torch.cuda.synchronize()
-        self.last_seconds = time.perf_counter() - start
+        self.last_seconds = self._now() - start
+        self.last_wall_seconds = time.perf_counter() - wall_start
         self.total_seconds += self.last_seconds
+        self.wall_seconds += self.last_wall_seconds
         self.steps += 1
         self.tokens += tokens
+
+    @contextlib.contextmanager
+    def data_wait(self) -> Iterator[None]:
+        """Wall time until the step's batches are in hand (and copied to the device): outside the protocol."""
+        start = time.perf_counter()
+        yield
+        self.last_data_wait_seconds = time.perf_counter() - start
+        self.data_wait_seconds += self.last_data_wait_seconds
 
     @property
     def mean_step_seconds(self) -> float:
         return self.total_seconds / self.steps if self.steps else 0.0
 
+    @property
+    def data_wait_share(self) -> float:
+        """The share of wall time (steps and waits) spent waiting for data."""
+        spent = self.wall_seconds + self.data_wait_seconds
+        return self.data_wait_seconds / spent if spent else 0.0
+
     def summary(self) -> dict:
-        return {"steps": self.steps, "total_seconds": self.total_seconds,
+        return {"steps": self.steps, "clock": self.clock, "total_seconds": self.total_seconds,
                 "mean_step_seconds": self.mean_step_seconds, "tokens": self.tokens,
-                "tokens_per_second": self.tokens / self.total_seconds if self.total_seconds else 0.0}
+                "tokens_per_second": self.tokens / self.total_seconds if self.total_seconds else 0.0,
+                "wall_seconds": self.wall_seconds, "data_wait_seconds": self.data_wait_seconds,
+                "data_wait_share": self.data_wait_share,
+                "wall_tokens_per_second": self.tokens / self.wall_seconds if self.wall_seconds else 0.0}
 
     def state_dict(self) -> dict:
-        return {"total_seconds": self.total_seconds, "steps": self.steps, "tokens": self.tokens}
+        return {"total_seconds": self.total_seconds, "steps": self.steps, "tokens": self.tokens,
+                "wall_seconds": self.wall_seconds, "data_wait_seconds": self.data_wait_seconds}
 
     def load_state_dict(self, state: dict) -> None:
         self.total_seconds, self.steps, self.tokens = state["total_seconds"], state["steps"], state["tokens"]
+        # checkpoints written before wall and data-wait time were kept resume with those at zero
+        self.wall_seconds = state.get("wall_seconds", 0.0)
+        self.data_wait_seconds = state.get("data_wait_seconds", 0.0)
 
 
 class TensorBoardLogger:
