@@ -2,9 +2,11 @@
 
 The 2-rank checks run tests/zero_lamb_ranks.py on two hand-launched ranks (gloo on the CPU): one launch compares
 ZeRO 0 / 1 / 2 / 2 with round-robin partitions / 2 with DeepSpeed's per-partition ratios; two more SIGKILL a ZeRO-2
-run after its step-5 checkpoint and resume it.
+run after its step-5 checkpoint and resume it. Two runs of the tiny pre-training recipe on 2 ranks (search, draw,
+pruned re-initialisation, phase 1, hand-off, phase 2) at ZeRO 0 and ZeRO 2 draw the same ticket.
 """
 
+import json
 import re
 import signal
 import subprocess
@@ -14,7 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import free_port, subprocess_env
+import yaml
+from test_multirank import final_weights
+from test_multirank import launch as launch_recipe
+from test_pretrain import free_port, subprocess_env, tiny_recipe
 
 from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.errors import ConfigError
@@ -24,6 +29,7 @@ from earlybert_pretrain.train.engine import deepspeed_config
 from earlybert_pretrain.train.optim import build_optimizer
 from earlybert_pretrain.train.zero_lamb import _fragments
 
+pytest_plugins = ["data_fixtures"]
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("zero_lamb_ranks.py")
 
@@ -123,3 +129,22 @@ def test_zero_2_sigkill_after_a_checkpoint_resumes_to_bit_identical_weights(comp
     expected, got = compared["zero2"]["weights"], torch.load(out)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+
+@pytest.mark.slow
+def test_the_recipe_under_zero_2_draws_the_ticket_of_zero_0_and_hands_off_between_phases(wiki_build, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(wiki_build.shards)))
+    progress = {}
+    for zero_stage in (0, 2):
+        out = tmp_path / f"zero{zero_stage}"
+        codes, log = launch_recipe(["--config", str(recipe), f"output_dir={out}", f"engine.zero_stage={zero_stage}"])
+        assert codes == [0, 0], log[-3000:]
+        progress[zero_stage] = json.loads((out / "progress.json").read_text())
+    assert progress[2]["draw"]["digest"] == progress[0]["draw"]["digest"]
+    for stage in ("phase1", "phase2"):
+        record = progress[2][stage]
+        assert record["timing"]["runtime"]["zero_stage"] == 2
+        assert record["optimizer_parameters"] == record["parameters"]  # the pruned model, not the searched one
+        assert len(set(record["parameter_digests_by_rank"])) == 1
+    assert worst_relative_error(final_weights(tmp_path / "zero2"), final_weights(tmp_path / "zero0")) < 1e-4
