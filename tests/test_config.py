@@ -94,7 +94,7 @@ def test_pretrain_recipes_load(path):
     (PretrainConfig, "engine.precision=fp8", "'auto', 'fp32', 'bf16', 'fp16'"),
     (PretrainConfig, "optimizer.name=sgd", "'lamb', 'adamw'"),
     (PretrainConfig, "optimizer.fused=cuda", "'auto', 'apex', 'deepspeed', 'torch'"),
-    (FinetuneConfig, "mode=fast", "'dense', 'earlybert', 'random', 'ticket'"),
+    (FinetuneConfig, "mode=fast", "'dense', 'earlybert', 'random', 'ticket', 'reduced'"),
     (FinetuneConfig, "precision=1", "'auto', 'fp32', 'bf16', 'fp16'"),
     (FinetuneConfig, "search.stop=early_bird", "'fixed', 'early-bird'"),
 ])

@@ -1,6 +1,6 @@
-"""BERT-Reduced in pre-training (paper Table 7, Appendix A): the dense step count that matches a finished EarlyBERT
-run's time or FLOPs (synthetic run folders for the arithmetic), one tiny end-to-end reduced run whose schedule
-decays over the reduced steps, and the bad inputs."""
+"""BERT-Reduced (paper Table 7, Appendix A) in pre-training and fine-tuning: the dense step count that matches a
+finished EarlyBERT run's time or FLOPs (synthetic run folders for the arithmetic), one tiny end-to-end reduced run of
+each recipe whose schedule decays over the reduced steps, and the bad inputs."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_finetune_fixtures import TINY_CONFIG, make_tiny_model, sentiment_rows, write_jsonl
 from test_pretrain import tiny_recipe
 
 from earlybert_pretrain.config import PretrainConfig, build_dataclass, config_to_dict
 from earlybert_pretrain.errors import RunError
-from earlybert_pretrain.model.bert import flops_per_token
+from earlybert_pretrain.finetune import reduced as ft_reduced
+from earlybert_pretrain.finetune.cli import main as ft_main
+from earlybert_pretrain.model.bert import BertConfig, flops_per_token
 from earlybert_pretrain.pretrain import cli as pretrain
 from earlybert_pretrain.pretrain.reduced import cost_of, match_flops, match_time, split_steps, steps_for_budget
 from earlybert_pretrain.tickets.draw import random_ticket
@@ -149,3 +152,87 @@ def test_reduced_run_end_to_end(wiki_build, single_process_dist, tmp_path: Path,
     assert [row["mode"] for row in report["side_by_side"]] == ["reduced", "dense", "earlybert"]
     text = (out / "report.txt").read_text()
     assert "reduced: 9 + 1 steps match the time of" in text and "side by side" in text
+
+
+# ---- fine-tuning
+
+
+def write_metrics(folder: Path, mode: str, total_seconds: float, finetune_steps: int, mean_step: float,
+                  search_steps: int = 0, **extra) -> Path:
+    """A finished fine-tuning run as the matching reads it: metrics.json's time, geometry and config."""
+    folder.mkdir(parents=True)
+    time = {"total_seconds": total_seconds, "finetune": {"steps": finetune_steps, "mean_step_seconds": mean_step}}
+    if search_steps:
+        time["search"] = {"steps": search_steps}
+    metrics = {"mode": mode, "task": "sst2", "time": time, **extra}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_finetune_time_match_is_the_nearest_step(tmp_path: Path) -> None:
+    dense = write_metrics(tmp_path / "dense", "dense", 12.0, 12, 1.0)
+    early = write_metrics(tmp_path / "early", "earlybert", 7.4, 8, 0.6, search_steps=10)
+    dense_time = {**json.loads((dense / "metrics.json").read_text())["time"], "path": str(dense)}
+    match = ft_reduced.match_time(str(early), dense_time, "sst2")
+    assert match.steps == 7 and match.target == 7.4 and match.per_step == 1.0  # 7.4 s at 1 s a step
+    assert abs(match.steps - match.target / match.per_step) <= 0.5
+
+
+def test_finetune_flops_match_counts_the_search_dense_and_the_finetuning_pruned(tmp_path: Path) -> None:
+    dense_model = BertConfig(**{**TINY_CONFIG, "slimming": False})
+    geometry = {"heads_per_layer": [3, 3], "ffn_per_layer": [40, 32]}
+    early = write_metrics(tmp_path / "early", "earlybert", 1.0, 8, 0.1, search_steps=10, model_geometry=geometry,
+                          config={"batch_size": 16, "search": {"objective": "task"}})
+    pruned = dataclasses.replace(dense_model, **geometry)
+    expected = 16 * 128 * (10 * flops_per_token(dense_model, 128, 0.0) + 8 * flops_per_token(pruned, 128, 0.0))
+    match = ft_reduced.match_flops(str(early / "metrics.json"), "sst2", dense_model, 16, 128)
+    assert match.target == pytest.approx(expected)
+    assert match.per_step == pytest.approx(16 * 128 * flops_per_token(dense_model, 128, 0.0))
+    assert match.steps == round(expected / match.per_step) and match.steps < 18
+
+
+def test_finetune_bad_inputs_are_one_line(tmp_path: Path, capsys) -> None:
+    model = make_tiny_model(tmp_path / "model")
+    dense = write_metrics(tmp_path / "dense", "dense", 12.0, 12, 1.0)
+    early = write_metrics(tmp_path / "early", "earlybert", 7.4, 8, 0.6)
+    (tmp_path / "unfinished").mkdir()
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(8, 0))
+    base = ["--task", "sst2", "--model", str(model), f"output_dir={tmp_path / 'out'}", f"data.train_file={train}",
+            f"data.validation_files=[{train}]"]
+    cases = [
+        (["--mode", "dense", "--match-time", str(early)], r"match_time: only with mode 'reduced'"),
+        (["--mode", "reduced"], r"mode 'reduced' needs one of match_time=RUN"),
+        (["--mode", "reduced", "--match-time", str(tmp_path / "missing")], r"match_time: .*missing: no such run"),
+        (["--mode", "reduced", "--match-flops", str(tmp_path / "unfinished")], r"no metrics.json there"),
+        (["--mode", "reduced", "--match-time", str(dense)], r"match_time: .*a 'dense' run on 'sst2'"),
+        (["--mode", "reduced", "--match-time", str(early)], r"was not compared to a dense run; give dense_metrics"),
+    ]
+    for extra, pattern in cases:
+        assert ft_main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and re.search(pattern, err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_finetune_reduced_end_to_end(tmp_path: Path, caplog) -> None:
+    model = make_tiny_model(tmp_path / "model")
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(64, 0))  # batch 16: 4 steps an epoch
+    dense = write_metrics(tmp_path / "dense", "dense", 12.0, 12, 1.0)
+    early = write_metrics(tmp_path / "early", "earlybert", 6.2, 4, 0.5, search_steps=8,
+                          **{"time": {"total_seconds": 6.2, "finetune": {"steps": 4, "mean_step_seconds": 0.5},
+                                      "vs_dense": {"dense_metrics": str(dense / "metrics.json")}}})
+    out = tmp_path / "reduced"
+    with caplog.at_level(logging.INFO, logger="earlybert_pretrain"):
+        assert ft_main(["--task", "sst2", "--model", str(model), "--mode", "reduced", "--match-time", str(early),
+                        f"output_dir={out}", f"data.train_file={train}", f"data.validation_files=[{train}]",
+                        "batch_size=16", "log_every=1", "lr=1e-3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reduced"]["steps"] == 6 and metrics["schedule"]["steps"] == 6  # 6.2 s at the dense 1 s a step
+    assert metrics["schedule"]["lr"] == 1e-3 and metrics["ticket"] is None and metrics["search"] is None
+    assert metrics["model_geometry"]["heads_per_layer"] == [4, 4]  # dense
+    assert metrics["time"]["vs_dense"]["dense_metrics"] == str(dense / "metrics.json")
+    assert [entry["step"] for entry in metrics["epochs"]] == [4, 6]  # an epoch, then the last reduced step
+    lrs = {record.args[1]: record.args[5] for record in caplog.records
+           if isinstance(record.args, tuple) and "step %d/%d" in str(record.msg) and record.args[0] == "finetune"}
+    assert lrs[6] == 0.0 and lrs[5] > 0.0  # linear decay reaches 0 at the last reduced step

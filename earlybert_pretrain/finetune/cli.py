@@ -3,6 +3,9 @@
     earlybert-finetune --task mnli --model runs/pretrain/final --mode earlybert data.data_dir=glue/MNLI
     earlybert-finetune --config configs/finetune_glue.yaml --task sst2 --model M --mode random --seed 3
     earlybert-finetune --task squad --model M --mode ticket --ticket runs/pretrain/ticket.json data.data_dir=squad
+    earlybert-finetune --task sst2 --model M --mode reduced --match-time runs/sst2_earlybert \
+        --dense-metrics runs/sst2_dense/metrics.json data.data_dir=glue/SST-2
+    earlybert-finetune --task sst2 --model M --mode earlybert search.objective=mlm data.data_dir=glue/SST-2
 
 Flags are shorthands for the same ``key=value`` overrides (see ``finetune/config.py`` for every key). Errors the user
 can fix print one line and exit with status 2.
@@ -20,7 +23,7 @@ from earlybert_pretrain.errors import UserError
 from earlybert_pretrain.finetune.config import MODES, FinetuneConfig
 from earlybert_pretrain.finetune.tasks import TASKS
 
-_FLAGS = ("task", "model_dir", "mode", "ticket", "seed", "output_dir", "dense_metrics")
+_FLAGS = ("task", "model_dir", "mode", "ticket", "seed", "output_dir", "dense_metrics", "match_time", "match_flops")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="head init, data order, random ticket")
     parser.add_argument("--output-dir", dest="output_dir")
     parser.add_argument("--dense-metrics", dest="dense_metrics", help="a dense run's metrics.json: report the saving")
+    parser.add_argument("--match-time", dest="match_time", metavar="RUN_DIR",
+                        help="--mode reduced: as many dense steps as this EarlyBERT run's time (Appendix A)")
+    parser.add_argument("--match-flops", dest="match_flops", metavar="RUN_DIR",
+                        help="--mode reduced: as many dense steps as this EarlyBERT run's training FLOPs")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir (same settings)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace output_dir's previous run (only the files a run writes)")

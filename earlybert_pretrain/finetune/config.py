@@ -3,7 +3,9 @@
 ``None`` means "the paper's value for this task and mode", resolved by ``resolve_schedule``,
 ``resolve_max_seq_length`` and ``SearchConfig.heads_to_prune_for``: dense GLUE 3 epochs at 2e-5, dense SQuAD 2 epochs
 at 3e-5 (Sec. 4.1); a pruned model (earlybert / random / ticket) trains 2 epochs at 2x the learning rate on GLUE and
-keeps SQuAD's default epochs and rate (Sec. 4.2). Any number, 0 included, means what it says.
+keeps SQuAD's default epochs and rate (Sec. 4.2); ``reduced`` (BERT-Reduced, Appendix A) is dense at the dense rate
+for the steps ``match_time`` / ``match_flops`` choose (``finetune/reduced.py``). Any number, 0 included, means what it
+says.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from earlybert_pretrain.config import Precision, SearchConfig
 from earlybert_pretrain.errors import ConfigError
 from earlybert_pretrain.finetune.tasks import TaskSpec
 
-FinetuneMode = Literal["dense", "earlybert", "random", "ticket"]
+FinetuneMode = Literal["dense", "earlybert", "random", "ticket", "reduced"]
+SearchObjective = Literal["task", "mlm"]
 MODES = typing.get_args(FinetuneMode)
 
 
@@ -43,6 +46,8 @@ class FinetuneSearchConfig(SearchConfig):
     epochs: float = 0.2
     lr: float | None = None  # None: the dense fine-tuning learning rate, held constant during the search
     warn_below_steps: int = 100  # fewer search steps than this: coefficient rankings may not have settled
+    # task: search on the task's loss (Sec. 4.2); mlm: on masked-LM over the task's own text (Appendix B, Table 8)
+    objective: SearchObjective = "task"
 
     def planned_steps(self, steps_per_epoch: int) -> int:
         """``steps`` when given, else ``epochs`` of an epoch (the paper's 0.2), at least one step."""
@@ -76,6 +81,8 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     precision: Precision = "auto"
     dense_metrics: str = ""  # metrics.json of a dense run on the same data: adds the time saving
+    match_time: str = ""  # mode reduced: an EarlyBERT run (folder or metrics.json) whose time the steps match
+    match_flops: str = ""  # mode reduced: an EarlyBERT run whose training FLOPs the steps match
     log_every: int = 10
     eval_each_epoch: bool = True
     checkpoint_every: int = 500  # steps between checkpoints of the search and the fine-tuning (--resume continues)
@@ -85,6 +92,12 @@ class FinetuneConfig:
         """What the loader's types cannot say (the enumerations are checked when the config is loaded)."""
         if self.mode == "ticket" and not self.ticket:
             raise ConfigError("mode 'ticket' needs ticket=PATH (a ticket.json)")
+        matching = [name for name in ("match_time", "match_flops") if getattr(self, name)]
+        if matching and self.mode != "reduced":
+            raise ConfigError(f"{matching[0]}: only with mode 'reduced' (this run is mode {self.mode!r})")
+        if self.mode == "reduced" and len(matching) != 1:
+            raise ConfigError("mode 'reduced' needs one of match_time=RUN (--match-time) or match_flops=RUN "
+                              "(--match-flops): a finished EarlyBERT fine-tuning run")
         if not self.model_dir:
             raise ConfigError("model_dir (--model): give an HF-format BERT folder (config.json, weights, "
                               "vocab.txt or tokenizer.json)")
@@ -108,7 +121,7 @@ def resolve_schedule(config: FinetuneConfig, task: TaskSpec) -> tuple[float, flo
     squad = task.kind == "squad"
     epochs = _given(config.epochs, 2.0 if squad else 3.0)
     lr = _given(config.lr, 3e-5 if squad else 2e-5)
-    if config.mode == "dense":
+    if config.mode in ("dense", "reduced"):  # reduced: its steps are matched, not counted in epochs
         return epochs, lr
     pruned_epochs = _given(config.pruned_epochs, epochs if squad else 2.0)
     return pruned_epochs, lr * _given(config.pruned_lr_scale, 1.0 if squad else 2.0)

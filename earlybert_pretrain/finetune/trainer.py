@@ -2,7 +2,9 @@
 
 Modes (Sec. 4.2): ``dense`` fine-tunes the whole model; ``earlybert`` searches on a copy with slimming coefficients,
 draws a ticket, rewinds to the pre-trained weights and prunes them, then fine-tunes the smaller model; ``random``
-prunes a random ticket with the same counts; ``ticket`` applies a ticket from elsewhere (e.g. pre-training).
+prunes a random ticket with the same counts; ``ticket`` applies a ticket from elsewhere (e.g. pre-training);
+``reduced`` fine-tunes the whole model for the steps matching an EarlyBERT run's time or FLOPs (Appendix A, see
+``reduced.py``). With ``search.objective=mlm`` the search trains masked-LM on the task's own text (Appendix B).
 Outputs in ``output_dir``: metrics.json (scores per epoch, the best epoch's, time per stage, saving vs a dense run),
 ticket.json, search/ (mask history + Figure-1 heatmap), best/ (best epoch) and model/ (last epoch) as HF folders with
 the tokenizer, and tensorboard/.
@@ -20,13 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
+from safetensors import safe_open
 
 from earlybert_pretrain.common import run_folder
 from earlybert_pretrain.common.files import atomic_write_json, read_json, sha256_file
 from earlybert_pretrain.common.lock import hold_run_lock
+from earlybert_pretrain.common.masking import mask_tokens
+from earlybert_pretrain.common.tokens import IGNORE_INDEX
 from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.errors import ConfigError, DataError, ModelFolderError
+from earlybert_pretrain.finetune import reduced
 from earlybert_pretrain.finetune.config import FinetuneConfig, resolve_max_seq_length, resolve_schedule
 from earlybert_pretrain.finetune.data import TaskData, load_task_data
 from earlybert_pretrain.finetune.features import encode_classification, load_tokenizer
@@ -34,7 +41,8 @@ from earlybert_pretrain.finetune.loop import TrainBatches, model_inputs, predict
 from earlybert_pretrain.finetune.models import build_task_model
 from earlybert_pretrain.finetune.squad import SquadSettings, build_features
 from earlybert_pretrain.finetune.tasks import TaskSpec, get_task
-from earlybert_pretrain.model.hf import copy_tokenizer_files
+from earlybert_pretrain.model.bert import BertForPreTraining
+from earlybert_pretrain.model.hf import SAFETENSORS_NAME, copy_tokenizer_files, load_pretrained, read_state_dict
 from earlybert_pretrain.tickets.draw import random_ticket
 from earlybert_pretrain.tickets.prune import prune
 from earlybert_pretrain.tickets.search import SearchOutcome, SlimmingSearch
@@ -144,18 +152,68 @@ def _stage_settings(config: FinetuneConfig, name: str, lr: float, schedule: Sche
                          log_every=config.log_every)
 
 
-def _open_batches(batches: TrainBatches, task: TaskSpec, device: torch.device):
-    """``open(n)``: model-ready micro-batches from this rank's ``n``-th on, epoch after epoch (the stage's batches)."""
+def _open_batches(batches: TrainBatches, task: TaskSpec, device: torch.device, prepare=None):
+    """``open(n)``: model-ready micro-batches from this rank's ``n``-th on, epoch after epoch (the stage's batches).
+    ``prepare(batch, n)`` turns the ``n``-th micro-batch into the model's inputs (default: the task's)."""
+    prepare = prepare or (lambda batch, _: model_inputs(batch, task, device))
 
     def open_batches(micro_batches_done: int) -> Iterator[dict]:
         epoch, skip = divmod(micro_batches_done, batches.steps_per_epoch)
+        index = micro_batches_done
         while True:
-            for index, batch in enumerate(batches.epoch(epoch)):
-                if index >= skip:
-                    yield model_inputs(batch, task, device)
+            for position, batch in enumerate(batches.epoch(epoch)):
+                if position >= skip:
+                    yield prepare(batch, index)
+                    index += 1
             epoch, skip = epoch + 1, 0
 
     return open_batches
+
+
+class MlmMasking:
+    """The MLM search's inputs (Appendix B): the task's own text, 15% of each sequence's real tokens masked by
+    BERT's rule (``common.masking``); micro-batch ``n``'s masks come from (seed, n), so a resumed search sees the
+    same ones."""
+
+    def __init__(self, tokenizer, seed: int, device: torch.device, masked_lm_prob: float = 0.15):
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        bracketed = np.array([t.startswith("[") and t.endswith("]") for t in tokens])
+        self.regular_ids = np.flatnonzero(~bracketed)  # random replacements: real tokens, never [PAD]/[CLS]
+        self.special_ids = np.array(sorted(set(tokenizer.all_special_ids)))
+        self.mask_id, self.seed, self.device = tokenizer.mask_token_id, seed, device
+        self.masked_lm_prob = masked_lm_prob
+
+    def __call__(self, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+        input_ids, attention = batch["input_ids"].numpy().copy(), batch["attention_mask"].numpy()
+        labels = np.full_like(input_ids, IGNORE_INDEX)
+        rng = np.random.default_rng([self.seed, index])
+        for row, ids in enumerate(input_ids):
+            candidates = np.flatnonzero((attention[row] == 1) & ~np.isin(ids, self.special_ids))
+            budget = max(1, round(int(attention[row].sum()) * self.masked_lm_prob))
+            labels[row] = mask_tokens(ids, candidates, budget, rng, self.mask_id, self.regular_ids)
+        inputs = {"input_ids": torch.from_numpy(input_ids), "token_type_ids": batch["token_type_ids"],
+                  "attention_mask": batch["attention_mask"], "labels": torch.from_numpy(labels)}
+        return {name: value.to(self.device, non_blocking=True) for name, value in inputs.items()}
+
+
+def _has_mlm_head(folder: str) -> bool:
+    """Whether the model folder holds MLM head weights (a bare BertModel checkpoint such as MiniLM does not)."""
+    path = Path(folder) / SAFETENSORS_NAME
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as weights:
+            keys = list(weights.keys())
+    else:
+        keys = list(read_state_dict(folder)[0])
+    return any(key.startswith("cls.predictions.") for key in keys)
+
+
+def _mlm_search_model(config: FinetuneConfig) -> BertForPreTraining:
+    """The pre-trained encoder with its MLM head (freshly initialised when the folder has none)."""
+    if not _has_mlm_head(config.model_dir):
+        logger.warning("MLM search: %s has no MLM head weights; the head is freshly initialised (seed %d) and "
+                       "trained with the search", config.model_dir, config.seed)
+    torch.manual_seed(config.seed)
+    return load_pretrained(BertForPreTraining, config.model_dir)
 
 
 class EpochEvaluation(StageHook):
@@ -198,9 +256,10 @@ class EpochEvaluation(StageHook):
 
 
 def _search(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches, lr: float, runtime: Runtime,
-            tensorboard: TensorBoardLogger) -> tuple[SearchOutcome, StageResult]:
+            tensorboard: TensorBoardLogger, mlm_inputs: MlmMasking | None) -> tuple[SearchOutcome, StageResult]:
     """EarlyBERT's search for fine-tuning (Sec. 3.2, 4.2) on a copy of the pre-trained model with slimming
-    coefficients, at the dense learning rate held constant; the copy is thrown away after the draw."""
+    coefficients, at the dense learning rate held constant; the copy is thrown away after the draw. On the task's
+    loss, or (``search.objective=mlm``, Appendix B) on masked-LM over the task's text with the folder's MLM head."""
     settings = config.search
     planned = settings.planned_steps(batches.steps_per_epoch)
     warnings = []
@@ -210,7 +269,7 @@ def _search(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches
             f"rankings may not have settled below ~{settings.warn_below_steps} steps: set search.steps or "
             "search.stop=early-bird")
         logger.warning(warnings[-1])
-    searched = copy.deepcopy(model)
+    searched = _mlm_search_model(config) if mlm_inputs is not None else copy.deepcopy(model)
     searched.add_slimming_coefficients()
     search = SlimmingSearch(settings, settings.heads_to_prune_for(model.config), planned, searched.config,
                             tensorboard)
@@ -218,7 +277,7 @@ def _search(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches
     stage_settings = _stage_settings(config, "search", search_lr, Schedule(planned, kind=None), runtime)
     with Stage.build(searched, stage_settings, runtime, tensorboard) as stage:
         stage.resume([search])
-        result = stage.run(_open_batches(batches, task, runtime.device), planned, [search])
+        result = stage.run(_open_batches(batches, task, runtime.device, mlm_inputs), planned, [search])
     outcome = search.finish(result.steps)
     outcome.warnings[:0] = warnings
     return outcome, result
@@ -276,11 +335,11 @@ def _finish_search(layout: FinetuneLayout, outcome: SearchOutcome, result: Stage
 
 
 def _search_or_resume(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches, lr: float,
-                      runtime: Runtime, tensorboard: TensorBoardLogger, layout: FinetuneLayout,
-                      progress: dict) -> tuple[dict, StageResult]:
+                      runtime: Runtime, tensorboard: TensorBoardLogger, layout: FinetuneLayout, progress: dict,
+                      mlm_inputs: MlmMasking | None) -> tuple[dict, StageResult]:
     """The search's record and stage result: run now, or read back (rank 0's files, to every rank)."""
     if "search" not in progress:
-        outcome, result = _search(config, task, model, batches, lr, runtime, tensorboard)
+        outcome, result = _search(config, task, model, batches, lr, runtime, tensorboard, mlm_inputs)
         _finish_search(layout, outcome, result, runtime, tensorboard)
         progress = {"search": {"steps": outcome.steps, "planned_steps": outcome.planned_steps,
                                "early_bird_fired_at": outcome.early_bird_fired_at, "warnings": outcome.warnings,
@@ -289,12 +348,45 @@ def _search_or_resume(config: FinetuneConfig, task: TaskSpec, model, batches: Tr
     return record, StageResult.from_dict(record["result"])
 
 
+@dataclasses.dataclass
+class RunPlan:
+    """What ``run`` settles before the folder is touched: the ticket a run without a search prunes with, a dense
+    run's times, the steps of a reduced run, the MLM search's inputs (None: search on the task's loss)."""
+
+    ticket: Ticket | None
+    dense_time: dict | None
+    match: reduced.StepMatch | None
+    mlm_inputs: MlmMasking | None
+
+
+def _dense_time(config: FinetuneConfig, task: TaskSpec) -> dict | None:
+    """A dense run's times: ``dense_metrics``, or for ``match_time`` the dense run the matched run was compared to."""
+    path = config.dense_metrics
+    if not path and config.match_time:
+        path = reduced.compared_dense_run(config.match_time, task.name)
+    return _read_dense_time(path, task)
+
+
+def _match_steps(config: FinetuneConfig, task: TaskSpec, model, dense_time: dict | None) -> reduced.StepMatch | None:
+    """mode=reduced: the dense steps matching the EarlyBERT run's time or FLOPs."""
+    if config.match_time:
+        match = reduced.match_time(config.match_time, dense_time, task.name)
+    elif config.match_flops:
+        match = reduced.match_flops(config.match_flops, task.name, model.config, config.batch_size,
+                                    resolve_max_seq_length(config, task))
+    else:
+        return None
+    logger.info("reduced: %d dense steps match the %s of %s (%.4g vs %.4g)", match.steps, match.matched, match.run,
+                match.steps * match.per_step, match.target)
+    return match
+
+
 def run(config: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the whole fine-tuning; returns what metrics.json holds (written by rank 0). Everything that can be
     checked without training is checked before output_dir is touched."""
     config.validate()
     task = get_task(config.task)
-    dense_time = _read_dense_time(config.dense_metrics, task)
+    dense_time = _dense_time(config, task)
     rank, world_size, device = init_distributed()
     runtime = Runtime(rank, world_size, device, resolve_precision(config.precision, device))
     torch.manual_seed(config.seed)
@@ -305,10 +397,13 @@ def run(config: FinetuneConfig, resume: bool = False, overwrite: bool = False) -
     _check_model_fits(tokenizer, model, config, task)
     squad = SquadSettings(resolve_max_seq_length(config, task), config.doc_stride, config.max_query_length,
                           config.n_best_size, config.max_answer_length)
+    match = _match_steps(config, task, model, dense_time)
     data, train_features, eval_sets = _prepare_data(config, task, tokenizer, squad)
     given_ticket = _given_ticket(config, model)
     if given_ticket is not None:
         given_ticket.check_fits(model.config)
+    mlm = config.mode == "earlybert" and config.search.objective == "mlm"
+    plan = RunPlan(given_ticket, dense_time, match, MlmMasking(tokenizer, config.seed, runtime.device) if mlm else None)
     run_folder.check_writable(layout.root)
     with hold_run_lock(layout.root, "fine-tuning run") if runtime.is_main else contextlib.nullcontext():
         def prepare() -> dict:
@@ -319,12 +414,12 @@ def run(config: FinetuneConfig, resume: bool = False, overwrite: bool = False) -
         progress = on_main_rank(prepare)
         check_shared(layout.checkpoints)
         return _train(config, task, runtime, layout, progress, model, pad_id, squad, data, train_features, eval_sets,
-                      given_ticket, dense_time)
+                      plan)
 
 
 def _train(config: FinetuneConfig, task: TaskSpec, runtime: Runtime, layout: FinetuneLayout, progress: dict, model,
            pad_id: int, squad: SquadSettings, data: TaskData, train_features: datasets.Dataset,
-           eval_sets: dict[str, EvalSet], ticket: Ticket | None, dense_time: dict | None) -> dict:
+           eval_sets: dict[str, EvalSet], plan: RunPlan) -> dict:
     """Search (or resume it), prune, fine-tune (resuming its checkpoint), write metrics.json."""
     if "finetune" in progress:  # a finished run: --resume has nothing left to do
         return on_main_rank(lambda: read_json(layout.metrics, "metrics"))
@@ -333,17 +428,21 @@ def _train(config: FinetuneConfig, task: TaskSpec, runtime: Runtime, layout: Fin
     epochs, lr = resolve_schedule(config, task)
     batches = train_batches(train_features, config.batch_size, runtime.rank, runtime.world_size, config.seed, pad_id)
 
-    search, search_result = None, None
+    ticket, search, search_result = plan.ticket, None, None
     if config.mode == "earlybert":
         search, search_result = _search_or_resume(config, task, model, batches, dense_lr, runtime, tensorboard,
-                                                  layout, progress)
+                                                  layout, progress, plan.mlm_inputs)
         ticket = Ticket.from_dict(on_main_rank(lambda: Ticket.load(layout.ticket).to_dict()), where=str(layout.ticket))
     if ticket is not None:
         model = prune(model, ticket)  # the pre-trained weights: EarlyBERT rewinds to them (Sec. 4.2)
         if runtime.is_main:
             ticket.save(layout.ticket)
 
-    total_steps = max(1, round(epochs * batches.steps_per_epoch))
+    if plan.match is not None:  # reduced: the matched steps, the schedule decaying to 0 over them
+        total_steps = plan.match.steps
+        epochs = total_steps / batches.steps_per_epoch
+    else:
+        total_steps = max(1, round(epochs * batches.steps_per_epoch))
     evaluation = EpochEvaluation(task, config, eval_sets, squad, runtime, tensorboard, batches.steps_per_epoch,
                                  total_steps, pad_id, layout.best)
     settings = _stage_settings(config, "finetune", lr, Schedule(total_steps, config.warmup, "warmup_linear"),
@@ -362,7 +461,8 @@ def _train(config: FinetuneConfig, task: TaskSpec, runtime: Runtime, layout: Fin
         "schedule": {"epochs": epochs, "lr": lr, "steps": total_steps,
                      "steps_per_epoch": batches.steps_per_epoch, "batch_size": config.batch_size,
                      "dense_epochs": dense_epochs, "dense_lr": dense_lr},
-        "time": _time_report(search_result, result, dense_time),
+        "time": _time_report(search_result, result, plan.dense_time),
+        "reduced": None if plan.match is None else plan.match.to_dict(),
         "losses": {"finetune": result.losses, **({"search": search_result.losses} if search_result else {})},
         "model_geometry": {"heads_per_layer": model.config.heads_per_layer,
                            "ffn_per_layer": model.config.ffn_per_layer, "parameters": model.num_parameters()},
