@@ -119,16 +119,18 @@ def test_zero_1_and_2_lamb_equal_zero_0_and_per_partition_lamb_does_not(compared
 
 
 @pytest.mark.slow
-def test_zero_2_sigkill_after_a_checkpoint_resumes_to_bit_identical_weights(compared, tmp_path):
+def test_zero_2_sigkill_after_a_checkpoint_resumes_bit_identically_and_hands_off_exactly(compared, tmp_path):
     checkpoints, out = tmp_path / "checkpoints", tmp_path / "final.pt"
     codes, log = launch(["train", str(out), str(checkpoints)], kill_on=r"resumable step 7/10")
     assert codes == [-signal.SIGKILL] * 2, f"ended before step 7: {codes}\n{log[-3000:]}"
     codes, log = launch(["train", str(out), str(checkpoints)])
     assert codes == [0, 0], log[-3000:]
     assert "resumable: resumed at step 5 of 10" in log
-    expected, got = compared["zero2"]["weights"], torch.load(out)
+    result = torch.load(out)
+    expected, got = compared["zero2"]["weights"], result["weights"]
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert result["handoff_exact_by_rank"] == [True, True]  # the next stage starts from the same sharded state
 
 
 @pytest.mark.slow

@@ -3,8 +3,9 @@
 ``compare OUT``: the same 10 steps (uneven pruned geometry, accumulation 2, clipping) at ZeRO 0, 1, 2, 2 with
 round-robin partitions, and 2 with DeepSpeed's per-partition ratios; rank 0 saves every run's final weights and
 optimizer-state bytes to OUT. A wider model trains first, so the runs are later, smaller engines in one process.
-``train OUT CKPT``: ZeRO 2, checkpoints every 5 steps, resumed from CKPT when one is there; rank 0 saves the final
-weights to OUT (the test SIGKILLs a first run mid-way).
+``train OUT CKPT``: ZeRO 2, checkpoints every 5 steps, resumed from CKPT when one is there, then handed off to a
+new stage (save_handoff / load_handoff); rank 0 saves the final weights and whether every rank's next stage started
+from the same fp32 partitions, moments and weights to OUT (the test SIGKILLs a first run mid-way).
 """
 
 import logging
@@ -90,12 +91,30 @@ def compare(runtime: Runtime, out: Path) -> None:
         torch.save(results, out)
 
 
+def optimizer_state(stage: Stage) -> list[torch.Tensor]:
+    """This rank's fp32 partitions and LAMB moments, in group order."""
+    inner = stage.engine.optimizer.optimizer
+    partitions = [group["params"][0] for group in inner.param_groups]
+    return [tensor.clone() for p in partitions
+            for tensor in (p, inner.state[p]["exp_avg"], inner.state[p]["exp_avg_sq"])]
+
+
 def train(runtime: Runtime, out: Path, checkpoint_dir: Path) -> None:
+    """Then hand the result off to a next stage, which must start from the same partitions and moments."""
+    geometry = {"heads": [2, 1], "ffn": [24, 13]}
     with Stage.build(model(), settings("resumable", 2, checkpoint_dir), runtime) as stage:
         stage.resume()
         stage.run(batches_from(runtime.rank), STEPS)
-        if runtime.is_main:
-            torch.save(weights(stage), out)
+        final, before = weights(stage), optimizer_state(stage)
+        stage.save_handoff("handoff", geometry)
+    with Stage.build(model(), settings("next", 2, checkpoint_dir), runtime) as stage:
+        stage.load_handoff("handoff", geometry)
+        after = optimizer_state(stage)
+        same = len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
+        handed_off = all(torch.equal(tensor, final[name]) for name, tensor in weights(stage).items())
+        exact_on_every_rank = from_every_rank(same and handed_off)
+    if runtime.is_main:
+        torch.save({"weights": final, "handoff_exact_by_rank": exact_on_every_rank}, out)
 
 
 def main() -> None:
