@@ -35,7 +35,7 @@ def test_masking_follows_berts_rule_on_real_tokens_only(tmp_path: Path) -> None:
     tokenizer = load_tokenizer(make_tiny_model(tmp_path / "model"))
     encoded = tokenizer(["the film was very good and the plot was lovely"] * 64, padding="max_length", max_length=16)
     batch = {name: torch.tensor(values) for name, values in encoded.items()}
-    masking = MlmMasking(tokenizer, seed=1, device=torch.device("cpu"))
+    masking = MlmMasking(tokenizer, seed=1, rank=0, device=torch.device("cpu"))
     inputs = masking(batch, index=3)
     assert torch.equal(inputs["input_ids"], masking(batch, index=3)["input_ids"])  # a function of (seed, index)
     labels, original = inputs["labels"], batch["input_ids"]

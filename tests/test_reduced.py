@@ -48,7 +48,7 @@ def test_time_match_is_within_one_step(tmp_path: Path, target: float) -> None:
     dense = write_run(tmp_path / "dense", "dense", {"phase1": (90, 90.0), "phase2": (10, 20.0)})  # 1 s, 2 s a step
     early = write_run(tmp_path / "early", "earlybert", {"search": (4, target / 4), "phase1": (4, target / 2),
                                                          "phase2": (2, target / 4)})
-    match = match_time(early, dense, PAPER)
+    match = match_time(early, [dense], PAPER)
     assert match.target == pytest.approx(target) and match.per_step == {"phase1": 1.0, "phase2": 2.0}
     assert match.steps == split_steps(match.total_steps, PAPER)
     continuous = target / (PAPER * 1.0 + (1 - PAPER) * 2.0)
@@ -58,13 +58,14 @@ def test_time_match_is_within_one_step(tmp_path: Path, target: float) -> None:
         assert abs(cost_of(split_steps(total, PAPER), match.per_step) - target) >= abs(match.cost - target)
     if target == 11.0:
         assert match.steps == {"phase1": 9, "phase2": 1} and match.cost == 11.0
+        assert match_time(early, [early, dense], PAPER) == match  # the first dense run of --compare-to
 
 
 def test_time_match_falls_back_to_the_dense_run_the_earlybert_run_was_compared_to(tmp_path: Path) -> None:
     dense = write_run(tmp_path / "dense", "dense", {"phase1": (9, 9.0), "phase2": (1, 2.0)})
     early = write_run(tmp_path / "early", "earlybert", {"phase1": (4, 20.0), "phase2": (1, 2.0)},
                       compare_to={"dense_run": str(dense)})
-    assert match_time(early, None, PAPER).steps == {"phase1": 18, "phase2": 2}  # 22 s at 1.1 s a step
+    assert match_time(early, [], PAPER).steps == {"phase1": 18, "phase2": 2}  # 22 s at 1.1 s a step
 
 
 def test_flops_match_counts_the_search_dense_and_the_phases_pruned(tmp_path: Path) -> None:

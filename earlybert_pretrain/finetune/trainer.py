@@ -172,21 +172,21 @@ def _open_batches(batches: TrainBatches, task: TaskSpec, device: torch.device, p
 
 class MlmMasking:
     """The MLM search's inputs (Appendix B): the task's own text, 15% of each sequence's real tokens masked by
-    BERT's rule (``common.masking``); micro-batch ``n``'s masks come from (seed, n), so a resumed search sees the
-    same ones."""
+    BERT's rule (``common.masking``); micro-batch ``n``'s masks come from (seed, rank, n), so a resumed search sees
+    the same ones."""
 
-    def __init__(self, tokenizer, seed: int, device: torch.device, masked_lm_prob: float = 0.15):
+    def __init__(self, tokenizer, seed: int, rank: int, device: torch.device, masked_lm_prob: float = 0.15):
         tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         bracketed = np.array([t.startswith("[") and t.endswith("]") for t in tokens])
         self.regular_ids = np.flatnonzero(~bracketed)  # random replacements: real tokens, never [PAD]/[CLS]
         self.special_ids = np.array(sorted(set(tokenizer.all_special_ids)))
-        self.mask_id, self.seed, self.device = tokenizer.mask_token_id, seed, device
+        self.mask_id, self.seed, self.rank, self.device = tokenizer.mask_token_id, seed, rank, device
         self.masked_lm_prob = masked_lm_prob
 
     def __call__(self, batch: dict[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
         input_ids, attention = batch["input_ids"].numpy().copy(), batch["attention_mask"].numpy()
         labels = np.full_like(input_ids, IGNORE_INDEX)
-        rng = np.random.default_rng([self.seed, index])
+        rng = np.random.default_rng([self.seed, self.rank, index])
         for row, ids in enumerate(input_ids):
             candidates = np.flatnonzero((attention[row] == 1) & ~np.isin(ids, self.special_ids))
             budget = max(1, round(int(attention[row].sum()) * self.masked_lm_prob))
@@ -403,7 +403,8 @@ def run(config: FinetuneConfig, resume: bool = False, overwrite: bool = False) -
     if given_ticket is not None:
         given_ticket.check_fits(model.config)
     mlm = config.mode == "earlybert" and config.search.objective == "mlm"
-    plan = RunPlan(given_ticket, dense_time, match, MlmMasking(tokenizer, config.seed, runtime.device) if mlm else None)
+    mlm_inputs = MlmMasking(tokenizer, config.seed, rank, runtime.device) if mlm else None
+    plan = RunPlan(given_ticket, dense_time, match, mlm_inputs)
     run_folder.check_writable(layout.root)
     with hold_run_lock(layout.root, "fine-tuning run") if runtime.is_main else contextlib.nullcontext():
         def prepare() -> dict:

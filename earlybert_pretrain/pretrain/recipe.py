@@ -308,7 +308,7 @@ def reduce_steps(cfg: PretrainConfig, compare_to: list[Path], match_time: Path |
         raise RunError("mode=reduced: give one of --match-time EARLYBERT_RUN or --match-flops EARLYBERT_RUN")
     share = PRESETS[cfg.preset]
     if match_time is not None:
-        match = reduced.match_time(match_time, compare_to[0] if compare_to else None, share)
+        match = reduced.match_time(match_time, compare_to, share)
     else:
         match = reduced.match_flops(match_flops, cfg, share)
     logger.info("reduced: %d + %d steps match %s's %s (%.4g vs %.4g)", match.steps["phase1"], match.steps["phase2"],
@@ -343,7 +343,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
         train_phases(run, ticket)
         report = None
         if run.is_main:
-            others = compare_to + ([Path(match.run)] if match is not None else [])
+            matched = [Path(match.run)] if match is not None and Path(match.run) not in compare_to else []
+            others = compare_to + matched  # dense, EarlyBERT and this reduced run side by side
             report = write_run_report(layout.root, cfg.mode, run.progress, others,
                                       match.to_dict() if match is not None else None)
             print(render_run_report(report), end="")

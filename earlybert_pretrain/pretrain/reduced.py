@@ -112,12 +112,15 @@ def dense_step_seconds(dense_dir: Path, flag: str) -> dict[str, float]:
     return {name: _number(report, ("stages", name, "mean_step_seconds"), where) for name in PHASES}
 
 
-def match_time(run_dir: Path, dense_dir: Path | None, share: float) -> StepMatch:
-    """Steps whose dense time (per-step times of ``dense_dir``) equals ``run_dir``'s total time."""
+def match_time(run_dir: Path, compare_to: list[Path], share: float) -> StepMatch:
+    """Steps whose dense time equals ``run_dir``'s total time, at the per-step times of the first dense run in
+    ``compare_to`` (else of the dense run ``run_dir`` was itself compared to)."""
     report = pruned_run(run_dir, "--match-time")
     target = _number(report, ("total_seconds",), f"--match-time {run_dir / 'report.json'}")
-    if dense_dir is None:  # the dense run the EarlyBERT run was itself compared to
-        dense_dir = Path(report.get("compare_to", {}).get("dense_run", "")) if report.get("compare_to") else None
+    dense_dir = next((run for run in compare_to if finished_report(run, "--compare-to").get("mode") == "dense"),
+                     compare_to[0] if compare_to else None)
+    if dense_dir is None and isinstance(report.get("compare_to"), dict) and report["compare_to"].get("dense_run"):
+        dense_dir = Path(report["compare_to"]["dense_run"])
     if dense_dir is None:
         raise RunError(f"--match-time {run_dir}: needs the dense per-step times; pass --compare-to DENSE_RUN")
     per_step = dense_step_seconds(dense_dir, "--compare-to")
