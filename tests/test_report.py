@@ -81,3 +81,13 @@ def test_compare_run_without_progress_is_refused_before_anything_is_written(tmp_
     with pytest.raises(RunError, match=r"dense/progress.json: run progress file not found"):
         write_run(tmp_path / "early", "earlybert", earlybert_progress(), [tmp_path / "dense"])
     assert sorted(p.name for p in (tmp_path / "early").iterdir()) == ["progress.json"]
+
+
+def test_report_gives_the_optimizer_state_per_rank(tmp_path: Path) -> None:
+    progress = earlybert_progress()
+    progress["phase1"]["timing"]["optimizer_state_bytes"] = {"moments": 2**21, "master_weights": 2**20,
+                                                             "total": 3 * 2**20}
+    report = write_run(tmp_path / "run", "earlybert", progress)
+    assert report["stages"]["phase1"]["optimizer_state_bytes_per_rank"] == 3 * 2**20
+    assert report["stages"]["phase2"]["optimizer_state_bytes_per_rank"] is None  # a run from before it was kept
+    assert "optimizer state per rank: phase1 3.00 MiB\n" in (tmp_path / "run" / "report.txt").read_text()

@@ -31,7 +31,8 @@ def stage_summary(entry: dict) -> dict:
             "mean_step_seconds": timing.get("mean_step_seconds"), "tokens": timing.get("tokens"),
             "tokens_per_second": timing.get("tokens_per_second"), "wall_seconds": timing.get("wall_seconds"),
             "data_wait_seconds": timing.get("data_wait_seconds"), "data_wait_share": timing.get("data_wait_share"),
-            "first_loss": losses[0], "final_loss": losses[-1]}
+            "first_loss": losses[0], "final_loss": losses[-1],
+            "optimizer_state_bytes_per_rank": timing.get("optimizer_state_bytes", {}).get("total")}
 
 
 def write_run_report(out: Path, mode: str, progress: dict, compare_to: Path | Sequence[Path] | None,
@@ -170,6 +171,10 @@ def render_run_report(report: dict) -> str:
             lines.append(f"{name:<8} {stage['steps']:>6} {stage['seconds']:>9.1f}   {stage['first_loss']:>10.4f}"
                          f"  {stage['final_loss']:>10.4f}  {timing}")
     lines.append(f"total time (Sec. 4.1 protocol): {report['total_seconds']:.1f} s")
+    state = [f"{name} {stage['optimizer_state_bytes_per_rank'] / 2**20:.2f} MiB" for name, stage in
+             report["stages"].items() if stage.get("optimizer_state_bytes_per_rank")]
+    if state:  # moments + fp32 masters this rank holds (ZeRO 1/2 shard them)
+        lines.append("optimizer state per rank: " + ", ".join(state))
     if "ticket" in report:
         ticket = report["ticket"]
         lines.append(f"ticket {ticket['digest'][:12]} ({ticket['method']}, step {ticket['step']}): "
