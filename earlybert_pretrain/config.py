@@ -107,7 +107,7 @@ class SearchConfig:
 @dataclass
 class EngineConfig:
     precision: Precision = "auto"
-    zero_stage: int = 0  # LAMB's per-tensor trust ratio is wrong under ZeRO >= 1 partitions
+    zero_stage: int = 0  # 0-2 (LAMB per-tensor exact under 1/2: train/zero_lamb.py); 3 refused with LAMB
     compile: bool = False  # torch.compile the encoder
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
