@@ -26,8 +26,13 @@ the batches it would have seen.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
+import os
 import random
+import signal
+import sys
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -45,6 +50,7 @@ from earlybert_pretrain.common.tokens import SPECIAL_TOKENS
 from earlybert_pretrain.errors import ConfigError, DataError
 
 RANDOM_NEXT_TRIES = 10
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ShardedCorpus:
@@ -73,6 +79,14 @@ class ShardedCorpus:
         self.num_documents = len(self.doc_shard)
         self.num_sentences = sum(s.num_sentences for s in self.shards)
         self.num_tokens = sum(s.num_tokens for s in self.shards)
+        self._plans: dict[tuple[int, float, int], np.ndarray] = {}
+
+    def sample_plan(self, max_seq_len: int, short_seq_prob: float, seed: int) -> np.ndarray:
+        """``build_sample_plan`` once per setting: the search and phase 1 read the same plan."""
+        key = (max_seq_len, short_seq_prob, seed)
+        if key not in self._plans:
+            self._plans[key] = build_sample_plan(self, max_seq_len, short_seq_prob, seed)
+        return self._plans[key]
 
     def _read_vocab(self, expected_sha256: str) -> list[str]:
         if not self.vocab_path.is_file():
@@ -205,7 +219,7 @@ class PretrainingBatches:
         self.masked_lm_prob, self.short_seq_prob = masked_lm_prob, short_seq_prob
         self.whole_word_masking = whole_word_masking
         self.samples_consumed = start_sample
-        self.plan = build_sample_plan(corpus, max_seq_len, short_seq_prob, seed)
+        self.plan = corpus.sample_plan(max_seq_len, short_seq_prob, seed)
         special = corpus.special_ids
         self.cls_id, self.sep_id, self.mask_id, self.pad_id = (
             special["[CLS]"], special["[SEP]"], special["[MASK]"], special["[PAD]"]
@@ -317,6 +331,16 @@ class MicroBatches(torch.utils.data.Dataset):
         return self.stream.batch(self.start + index * self.stride)
 
 
+def _die_with_trainer(trainer_pid: int, worker_id: int) -> None:
+    """Worker start: a killed training process takes its workers along at once. They inherit its run lock (an
+    flock, held while any copy of the file stays open), so a ``--resume`` right after a SIGKILL would otherwise find
+    the folder locked until the loader's watchdog (~5 s) noticed the orphans."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != trainer_pid:  # the trainer died before prctl took effect
+        os._exit(0)
+
+
 def prefetched(stream: PretrainingBatches, num_workers: int, prefetch: int,
                pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """The stream's micro-batches from ``stream.samples_consumed`` on, built ``prefetch`` per worker ahead by
@@ -331,7 +355,7 @@ def prefetched(stream: PretrainingBatches, num_workers: int, prefetch: int,
         MicroBatches(stream), batch_size=None, sampler=itertools.count(), num_workers=num_workers,
         prefetch_factor=prefetch, pin_memory=pin_memory, persistent_workers=False,
         # fork shares the memory-mapped shards and the plan copy-on-write instead of pickling them per worker
-        multiprocessing_context="fork",
+        multiprocessing_context="fork", worker_init_fn=functools.partial(_die_with_trainer, os.getpid()),
         # a private generator: the loader's base seed must not advance the global torch RNG (dropout)
         generator=torch.Generator().manual_seed(stream.seed))
     return iter(loader)
