@@ -42,8 +42,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if requested == "fp16" and not on_cuda:
-        raise ConfigError("engine.precision=fp16: fp16 with loss scaling is for GPUs without bf16 (V100); "
-                          "use engine.precision=bf16 (or fp32) on the CPU")
+        raise ConfigError("engine.precision=fp16: training on the CPU does not support fp16; use engine.precision=bf16 "
+                          "(or fp32) there (fp16 with loss scaling is for GPUs without bf16, e.g. V100)")
     if requested == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("engine.precision=bf16: this GPU has no bf16 (e.g. V100); use engine.precision=fp16")
     return requested
