@@ -1,7 +1,8 @@
 """EarlyBERT's search as one component both recipes use (paper Sec. 3.2, 4.2, 4.3).
 
 ``SlimmingSearch`` is a training-stage hook: it adds λ‖c‖₁ to the loss (Eq. 4), draws a ticket every
-``record_every`` steps from the coefficients every rank agrees on (fp32 copies, gathered under any sharding), keeps
+``record_every`` steps from the coefficients every rank agrees on (fp32 copies, gathered under any sharding: the
+coefficients are the optimizer's fp32 values in every precision mode, and each ticket records that dtype), keeps
 the mask history and the early-bird detector (You et al. 2020), stops the stage when the detector fires in early-bird
 mode, and carries its state through checkpoints. ``finish()`` returns the ticket every rank drew, checked to be the
 one rank 0 drew.
