@@ -11,8 +11,9 @@ from test_ticket import make_config, make_model, uneven_tickets
 from earlybert_pretrain.common.tokens import IGNORE_INDEX
 from earlybert_pretrain.config import OptimizerConfig, PretrainConfig, build_dataclass
 from earlybert_pretrain.errors import ConfigError
+from earlybert_pretrain.model import bert as bert_module
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
-from earlybert_pretrain.model.unpad import Packing, varlen_attention
+from earlybert_pretrain.model.unpad import Packing, varlen_attention, varlen_backend, worth_unpadding
 from earlybert_pretrain.tickets.prune import prune
 from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageSettings
 
@@ -154,6 +155,18 @@ def test_auto_stays_padded_on_cpu(monkeypatch):
     model(**mlm_batch(model.config.vocab_size))
 
 
+def test_auto_packs_cuda_batches_with_enough_padding_unless_the_encoder_is_compiled(monkeypatch):
+    cuda = torch.device("cuda")
+    assert worth_unpadding(cuda, 0.1) and not worth_unpadding(cuda, 0.05)
+    assert not worth_unpadding(torch.device("cpu"), 0.9)
+    bert = make_model(no_dropout()).bert
+    mask = mlm_batch(bert.config.vocab_size)["attention_mask"]
+    monkeypatch.setattr(bert_module, "worth_unpadding", lambda device, padding: padding > 0.3)  # as if on CUDA
+    assert bert._unpadded(mask, mask.sum(1).tolist())  # 40% padding
+    bert.encoder.compile()  # lazy: nothing compiles without a forward
+    assert not bert._unpadded(mask, mask.sum(1).tolist())
+
+
 # --- attention tells the truth ----------------------------------------------------------------------------------
 
 
@@ -193,6 +206,9 @@ def test_attention_kernels_name_what_sdpa_dispatched_on_cpu():
         layer.attention.self.dropout_prob = 0.0
     model(**batch)
     assert model.attention_kernels() == ["padded:math", "unpadded:per-sequence:cpu-flash"]
+    packing = Packing.from_mask(batch["attention_mask"], batch["attention_mask"].sum(1).tolist())
+    packed = torch.randn(packing.indices.numel(), 2, 8)
+    assert varlen_backend(packed, packed, packed, packing, 0.0, nested=True) == "nested:math"  # CPU: no varlen kernel
 
 
 def test_unpad_setting_in_a_config_file():

@@ -53,7 +53,8 @@ class BertConfig:
     slimming: bool = False
     # Use NVIDIA Apex FusedLayerNorm when it is installed and the model runs on CUDA (same parameters, same math).
     fused_layer_norm: bool = True
-    # Run the per-token layers on the real tokens only (unpad.py): true, false, or auto (CUDA, enough padding).
+    # Run the per-token layers on the real tokens only (unpad.py): true, false, or auto (CUDA, >= 10% padding,
+    # encoder not compiled).
     unpad: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
@@ -404,8 +405,11 @@ class BertModel(BertPreTrainedModel):
     def _unpadded(self, attention_mask: torch.Tensor, lengths: list[int]) -> bool:
         if self.config.unpad is False or min(lengths) == 0:  # an all-padding row has no token to pool
             return False
+        if self.config.unpad is True:
+            return True
+        # auto leaves a compiled encoder padded: every batch's lengths would be a new graph to compile
         padding = 1.0 - sum(lengths) / attention_mask.numel()
-        return self.config.unpad is True or worth_unpadding(attention_mask.device, padding)
+        return self.encoder._compiled_call_impl is None and worth_unpadding(attention_mask.device, padding)
 
 
 class BertPredictionHeadTransform(nn.Module):
