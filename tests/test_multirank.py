@@ -76,13 +76,22 @@ def test_two_rank_sigkill_mid_search_and_mid_phase2_resumes_bit_identically(reci
     assert len(set(progress["phase2"]["parameter_digests_by_rank"])) == 1
 
 
-def _can_unshare() -> bool:
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
-    return probe.returncode == 0
+def _unshare_prefix() -> list[str] | None:
+    """A command prefix that runs a process in its own mount namespace able to mount a tmpfs: as root plainly, as
+    another user inside a user namespace (``-r``) where the kernel allows unprivileged ones; else None."""
+    for prefix in (["unshare", "-m"], ["unshare", "-r", "-m"]):
+        command = [*prefix, "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /tmp && true"]
+        if subprocess.run(command, capture_output=True).returncode == 0:
+            return [*prefix, "--propagation", "private"]
+    return None
+
+
+UNSHARE = _unshare_prefix()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -m` (root, mount namespaces) to give ranks own disks")
+@pytest.mark.skipif(UNSHARE is None, reason="needs mount namespaces (`unshare -m` as root, or `unshare -r -m` with "
+                                            "unprivileged user namespaces) to give each rank its own disk")
 def test_a_checkpoint_folder_the_ranks_do_not_share_is_refused_on_every_rank(recipe, tmp_path):
     """Each rank in its own mount namespace with a private tmpfs over output_dir: what one writes, the other
     cannot see, as on cloud nodes with local disks."""
@@ -91,7 +100,7 @@ def test_a_checkpoint_folder_the_ranks_do_not_share_is_refused_on_every_rank(rec
 
     def own_disk(rank: int, command: list[str]) -> list[str]:
         inner = " ".join(["mount", "-t", "tmpfs", "tmpfs", str(out), "&&", "exec", *command])
-        return ["unshare", "-m", "--propagation", "private", "sh", "-c", inner]
+        return [*UNSHARE, "sh", "-c", inner]
 
     codes, log = launch(["--config", str(recipe), f"output_dir={out / 'run'}"], wrap=own_disk, timeout=300)
     assert codes[0] == 2 and codes[1] == 2, (codes, log[-3000:])
