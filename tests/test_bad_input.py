@@ -300,6 +300,8 @@ ROWS = [
     _pre("lr-0", lambda c: _pretrain(c, "phase1.lr=0"), "phase1: lr must be > 0"),
     _pre("warmup-1", lambda c: _pretrain(c, "phase2.warmup=1.0"), "phase2", "warmup"),
     _pre("masked-lm-prob", lambda c: _pretrain(c, "data.masked_lm_prob=1.5"), "data.masked_lm_prob"),
+    _pre("num-workers-negative", lambda c: _pretrain(c, "data.num_workers=-1"), "data.num_workers"),
+    _pre("prefetch-0", lambda c: _pretrain(c, "data.prefetch=0"), "data.prefetch"),
     _pre("batch-not-divisible", lambda c: _pretrain(c, "phase1.global_batch_size=10"), "global batch (10"),
     _pre("seq-beyond-positions", lambda c: _pretrain(c, "phase2.seq_len=128"), "max_position_embeddings=64"),
     _pre("vocab-size-mismatch", lambda c: _pretrain(c, "model.vocab_size=1234"), "1234"),
