@@ -149,6 +149,26 @@ def test_sigkill_in_search_after_draw_and_in_phase2_resumes_bit_identically(refe
         reference / "ticket.json").digest()
 
 
+@pytest.mark.slow
+def test_a_bf16_run_killed_mid_search_and_mid_phase2_resumes_to_its_uninterrupted_twin(recipe, tmp_path):
+    """bf16 autocast over fp32 parameters: the fp32 weights, LAMB moments and RNG states in the checkpoints make
+    the resumed run the same computation as the uninterrupted one, bit for bit."""
+    args = ["--config", str(recipe), "engine.precision=bf16"]
+    code, log = run_cli([*args, f"output_dir={tmp_path / 'twin'}"])
+    assert code == 0, log[-3000:]
+    assert "bf16 autocast over fp32 parameters" in log
+    resumed = [*args, f"output_dir={tmp_path / 'run'}", "--resume"]
+    for kill_on in (r"search step 5/6", r"phase2 step 4/6"):
+        code, log = run_cli(resumed, kill_on=kill_on)
+        assert code == -signal.SIGKILL, f"the run ended ({code}) before the kill point {kill_on!r}:\n{log[-3000:]}"
+    code, log = run_cli(resumed)
+    assert code == 0 and "phase2: resumed at step 3 of 6" in log, log[-3000:]
+    expected, got = final_weights(tmp_path / "twin"), final_weights(tmp_path / "run")
+    assert expected.keys() == got.keys() and all(tensor.dtype == torch.float32 for tensor in got.values())
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, got[name]), name
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
