@@ -16,7 +16,8 @@ sha256 of its bytes, size, special tokens), ``tokenizer`` (file, sha256, setting
 shard entries: ``bin``/``idx`` file names, counts, ``max_token_id``, and per file ``<kind>_bytes``,
 ``<kind>_sha256`` and ``<kind>_blocks``, one blake2b-64 digest per ``block_bytes`` block), ``balance``, ``totals``.
 
-Verification (``verify_shard``), once per shard file per process: ``sizes`` compares sizes only; ``sample`` (the default)
+Verification (``verify_shard``), once per shard file per process: ``sizes`` compares sizes only; ``sample``
+(the default)
 also hashes ``SAMPLED_BLOCKS`` blocks of each file chosen at random per process, so many ranks together cover much of
 the corpus for little I/O each; ``full`` hashes every byte against the file's sha256.
 
