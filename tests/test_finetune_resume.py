@@ -4,30 +4,16 @@ search and of the fine-tuning (SIGKILL mid-search and mid-fine-tuning -> the sam
 import json
 import re
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
-from test_pretrain import subprocess_env
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_pretrain import run_cli as run_process
 
 
 def run_cli(args: list[str], kill_on: str | None = None) -> tuple[int, str]:
-    process = subprocess.Popen([sys.executable, "-m", "earlybert_pretrain.finetune.cli", *args], cwd=ROOT,
-                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if kill_on and re.search(kill_on, line):
-            process.send_signal(signal.SIGKILL)
-            break
-    process.stdout.close()
-    return process.wait(timeout=300), "".join(lines)
+    return run_process(args, kill_on, module="earlybert_pretrain.finetune.cli")
 
 
 @pytest.mark.slow

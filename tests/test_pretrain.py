@@ -63,9 +63,10 @@ def subprocess_env() -> dict:
     return env
 
 
-def run_cli(args: list[str], kill_on: str | None = None) -> tuple[int, str]:
-    """Run the CLI in a fresh process; SIGKILL it as soon as a log line matches ``kill_on``."""
-    process = subprocess.Popen([sys.executable, "-m", "earlybert_pretrain.pretrain", *args], cwd=ROOT,
+def run_cli(args: list[str], kill_on: str | None = None,
+            module: str = "earlybert_pretrain.pretrain") -> tuple[int, str]:
+    """Run a CLI module in a fresh process; SIGKILL it as soon as a log line matches ``kill_on``."""
+    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,
                                env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in process.stdout:
