@@ -146,3 +146,33 @@ def test_fp16_runs_autocast_with_dynamic_loss_scaling_and_resumes_its_scale(sing
     with Stage.build(tiny_model(), settings("fp16", tmp_path), Runtime(0, 1, CPU, "fp16")) as stage:
         assert stage.engine.torch_autocast_z0_gradscaler.get_scale() == 2.0 ** 16
         assert stage.resume() and stage.engine.torch_autocast_z0_gradscaler.get_scale() == 1024.0
+
+
+def test_fp16_overflow_skips_the_update_and_holds_the_lr_schedule(single_process_dist):
+    """A step whose scaled gradients overflow leaves the weights and the schedule where they were (DeepSpeed's rule
+    for its own fp16 optimizers); the next step runs at the lr the skipped one would have used."""
+    def run_one_step(stage: Stage, scale: float) -> float:
+        scaler = stage.engine.torch_autocast_z0_gradscaler
+        scaler.load_state_dict({**scaler.state_dict(), "scale": scale})
+        lr = stage.engine.get_lr()[0]
+        stage.train_step(next(batches))
+        return lr
+
+    def micro_batches(start: int):
+        stream = open_batches(start)
+        while True:
+            yield [next(stream) for _ in range(4)]
+
+    batches = micro_batches(0)
+    poly = StageSettings(**{**vars(settings("fp16")), "schedule": Schedule(total_steps=STEPS, warmup=0.5)})
+    with Stage.build(tiny_model(), poly, Runtime(0, 1, CPU, "fp16")) as stage:
+        before = {name: p.detach().clone() for name, p in stage.module.named_parameters()}
+        first_lr = run_one_step(stage, 2.0 ** 40)  # fp16 activations' gradients overflow at this scale
+        assert stage.engine.optimizer.overflow and stage.engine.skipped_steps == 1
+        assert stage.engine.torch_autocast_z0_gradscaler.get_scale() == 2.0 ** 39
+        assert all(torch.equal(before[name], p) for name, p in stage.module.named_parameters())
+        assert stage.engine.get_lr()[0] == first_lr > 0
+        run_one_step(stage, 1024.0)
+        assert not stage.engine.optimizer.overflow and stage.engine.skipped_steps == 1
+        assert not all(torch.equal(before[name], p) for name, p in stage.module.named_parameters())
+        assert stage.engine.get_lr()[0] > first_lr  # warmup moved on by one step, not two

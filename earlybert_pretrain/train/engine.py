@@ -138,7 +138,30 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     make_lamb_exact_under_zero(engine)  # ZeRO 1/2: per-tensor trust ratios over the flat partitions
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        engine.torch_autocast_z0_gradscaler = SkipReportingGradScaler(engine.optimizer, device=engine.device.type)
     return engine
+
+
+class SkipReportingGradScaler(torch.amp.GradScaler):
+    """fp16 at ZeRO 0: DeepSpeed's autocast GradScaler, which also tells the engine when it skipped a step.
+
+    On inf/nan gradients the scaler skips ``optimizer.step()`` and halves its scale, but DeepSpeed learns of a skipped
+    step only through ``optimizer.overflow`` (its fp16 optimizers set it), so the lr schedule would advance over a
+    step that never happened. Setting that flag after every update makes DeepSpeed count the step as skipped and hold
+    the schedule, as it does for its own fp16 optimizers. (ZeRO 1/2 check for overflow themselves.)
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, device: str) -> None:
+        super().__init__(device=device)
+        self.optimizer = optimizer
+        optimizer.overflow = False
+
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        before = self.get_scale()
+        super().update(new_scale)
+        # The scale only falls (by the backoff factor) when this step found inf/nan and was skipped.
+        self.optimizer.overflow = new_scale is None and self.get_scale() < before
 
 
 def _forget_earlier_autocast() -> None:

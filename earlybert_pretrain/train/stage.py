@@ -302,6 +302,9 @@ class Stage:
             if "sdpa_backends" not in self.description:
                 self._describe_attention()
             self.step += 1
+            if getattr(self.engine.optimizer, "overflow", False):  # fp16: the step counts, its update did not happen
+                logger.warning("%s step %d: inf/nan gradients (fp16 overflow): update skipped, lr schedule held, "
+                               "loss scale now %g", settings.name, self.step, loss_scaler(self.engine).get_scale())
             self.losses.append(means["loss"])
             stopped_early = any([hook.after_step(self, self.step) for hook in hooks])
             self._log(steps, {**means, "lr": lr})
