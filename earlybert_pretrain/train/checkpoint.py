@@ -99,8 +99,10 @@ def _prune_stage(ckpt_dir: Path, stage: str, keep: int, current_tag: str) -> Non
             shutil.rmtree(tag_dir, ignore_errors=True)
 
 
-def save_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str, client_state: dict, keep: int) -> Path:
+def save_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str, client_state: dict, keep: int,
+                    about: dict | None = None) -> Path:
     """Save the engine (module, optimizer, scheduler, steps) and ``client_state`` under ``tag``; every rank calls it.
+    ``about`` (JSON) goes into the marker, readable before anything is loaded into an engine.
 
     The tag counts only once the marker is written (after all ranks finished and the files are fsynced); ``latest``
     moves to it after that; older tags of the same stage beyond ``keep`` are then removed. Assumes ``ckpt_dir`` is on
@@ -126,7 +128,8 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str, client_state:
         sequence = previous[-1]["sequence"] + 1 if previous else 1
         atomic_write_json(tag_dir / COMPLETE_MARKER, {
             "tag": tag, "stage": match["stage"], "step": int(match["step"]), "sequence": sequence,
-            "files": {str(path.relative_to(tag_dir)): path.stat().st_size for path in files}, "sha256": sha256})
+            "files": {str(path.relative_to(tag_dir)): path.stat().st_size for path in files}, "sha256": sha256,
+            "about": about or {}})
         atomic_write_text(ckpt_dir / LATEST_FILE, tag)
         _prune_stage(ckpt_dir, match["stage"], keep, tag)
     barrier()

@@ -34,6 +34,7 @@ from earlybert_pretrain.errors import RunError
 from earlybert_pretrain.train.checkpoint import (
     capture_rng_state,
     checkpoint_tag,
+    complete_checkpoints,
     load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -260,11 +261,17 @@ class Stage:
     def save_handoff(self, stage: str, geometry: dict) -> None:
         """Checkpoint the engine as it ends (fp32 masters, optimizer moments) for the next stage to continue from."""
         save_checkpoint(self.engine, self.settings.checkpoint_dir, checkpoint_tag(stage, self.step),
-                        {"stage": stage, "geometry": geometry}, self.settings.keep_checkpoints)
+                        {"stage": stage, "geometry": geometry}, self.settings.keep_checkpoints,
+                        about={"geometry": geometry})
 
     def load_handoff(self, stage: str, geometry: dict, with_optimizer: bool = True) -> None:
         """Start from the hand-off ``stage`` left: its weights and, with ``with_optimizer``, its optimizer state
         (LAMB moments); this stage's own lr schedule restarts from its first step (NVIDIA's phase 2)."""
+        # Checked on the marker first: DeepSpeed would fail on the first mismatched shape, deep in its loader.
+        saved = [marker.get("about", {}).get("geometry") for marker in
+                 complete_checkpoints(self.settings.checkpoint_dir, stage)]
+        if saved and saved[-1] is not None and saved[-1] != geometry:
+            raise RunError(self._geometry_mismatch(stage, saved[-1], geometry))
         client = load_latest_checkpoint(
             self.engine, self.settings.checkpoint_dir, stage, load_optimizer_states=with_optimizer,
             load_lr_scheduler_states=False, load_module_only=not with_optimizer)
@@ -272,12 +279,15 @@ class Stage:
             raise RunError(f"{self.settings.checkpoint_dir}: no complete '{stage}' checkpoint to continue from; "
                            "the previous stage did not finish here (pass --overwrite to start over)")
         if client["geometry"] != geometry:
-            raise RunError(f"{self.settings.checkpoint_dir}: the '{stage}' checkpoint holds a model of geometry "
-                           f"{client['geometry']}, this run builds {geometry}; pass --overwrite to start over")
+            raise RunError(self._geometry_mismatch(stage, client["geometry"], geometry))
         scheduler = self.engine.lr_scheduler
         if scheduler is not None:  # the loaded param groups carry the previous stage's last lr
             for group, lr in zip(self.engine.optimizer.param_groups, scheduler.get_last_lr()):
                 group["lr"] = lr
+
+    def _geometry_mismatch(self, stage: str, saved: dict, geometry: dict) -> str:
+        return (f"{self.settings.checkpoint_dir}: the '{stage}' checkpoint holds a model of geometry {saved}, this "
+                f"run builds {geometry}; pass --overwrite to start over")
 
     def run(self, open_batches: Callable[[int], Iterator[Batch]], steps: int,
             hooks: Sequence[StageHook] = ()) -> StageResult:
