@@ -21,15 +21,16 @@ pytest_plugins = ["data_fixtures"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def launch(args: list[str], kill_on: str | None = None, wrap=None, timeout: float = 600) -> tuple[list[int], str]:
-    """Start ranks 0 and 1 of ``python -m earlybert_pretrain.pretrain args``; SIGKILL both as soon as rank 0's log
-    matches ``kill_on``. ``wrap(rank, command)`` may wrap a rank's command (e.g. in its own mount namespace)."""
+def launch(args: list[str], kill_on: str | None = None, wrap=None, timeout: float = 600,
+           program: tuple[str, ...] = ("-m", "earlybert_pretrain.pretrain")) -> tuple[list[int], str]:
+    """Start ranks 0 and 1 of ``python <program> args``; SIGKILL both as soon as rank 0's log matches ``kill_on``.
+    ``wrap(rank, command)`` may wrap a rank's command (e.g. in its own mount namespace)."""
     port = free_port()
     processes = []
     for rank in (0, 1):
         env = {**subprocess_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "earlybert_pretrain.pretrain", *args]
+        command = [sys.executable, *program, *args]
         processes.append(subprocess.Popen(wrap(rank, command) if wrap else command, cwd=ROOT, env=env,
                                           stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
                                           stderr=subprocess.STDOUT, text=True))

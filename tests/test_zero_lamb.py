@@ -7,19 +7,15 @@ pruned re-initialisation, phase 1, hand-off, phase 2) at ZeRO 0 and ZeRO 2 draw 
 """
 
 import json
-import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from test_multirank import final_weights
-from test_multirank import launch as launch_recipe
-from test_pretrain import free_port, subprocess_env, tiny_recipe
+from test_multirank import launch as launch_ranks
+from test_pretrain import tiny_recipe
 
 from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.errors import ConfigError
@@ -34,25 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("zero_lamb_ranks.py")
 
 
-def launch(args: list[str], kill_on: str | None = None, timeout: float = 400) -> tuple[list[int], str]:
+def launch(args: list[str], kill_on: str | None = None) -> tuple[list[int], str]:
     """Ranks 0 and 1 of ``zero_lamb_ranks.py args``; both SIGKILLed once rank 0's log matches ``kill_on``."""
-    port = free_port()
-    processes = []
-    for rank in (0, 1):
-        env = {**subprocess_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        processes.append(subprocess.Popen([sys.executable, str(WORKER), *args], cwd=ROOT, env=env,
-                                          stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
-                                          stderr=subprocess.STDOUT, text=True))
-    lines, deadline = [], time.monotonic() + timeout
-    for line in processes[0].stdout:
-        lines.append(line)
-        if (kill_on and re.search(kill_on, line)) or time.monotonic() > deadline:
-            for process in processes:
-                process.send_signal(signal.SIGKILL)
-            break
-    processes[0].stdout.close()
-    return [process.wait(timeout=120) for process in processes], "".join(lines)
+    return launch_ranks(args, kill_on, timeout=400, program=(str(WORKER),))
 
 
 def worst_relative_error(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
@@ -140,7 +120,7 @@ def test_the_recipe_under_zero_2_draws_the_ticket_of_zero_0_and_hands_off_betwee
     progress = {}
     for zero_stage in (0, 2):
         out = tmp_path / f"zero{zero_stage}"
-        codes, log = launch_recipe(["--config", str(recipe), f"output_dir={out}", f"engine.zero_stage={zero_stage}"])
+        codes, log = launch_ranks(["--config", str(recipe), f"output_dir={out}", f"engine.zero_stage={zero_stage}"])
         assert codes == [0, 0], log[-3000:]
         progress[zero_stage] = json.loads((out / "progress.json").read_text())
     assert progress[2]["draw"]["digest"] == progress[0]["draw"]["digest"]
