@@ -88,6 +88,20 @@ def test_resolve_precision():
         resolve_precision("int8", CPU)
 
 
+@pytest.mark.parametrize("has_bf16", [True, False])
+def test_resolve_precision_on_gpus_with_and_without_bf16(monkeypatch, has_bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: has_bf16)
+    gpu = torch.device("cuda", 0)
+    assert resolve_precision("auto", gpu) == ("bf16" if has_bf16 else "fp16")  # V100: fp16 with loss scaling
+    assert resolve_precision("fp16", gpu) == "fp16"
+    if has_bf16:
+        assert resolve_precision("bf16", gpu) == "bf16"
+    else:
+        with pytest.raises(ConfigError, match=r"^engine.precision=bf16: this GPU has no bf16 \(e.g. V100\); use "
+                                              r"engine.precision=fp16$"):
+            resolve_precision("bf16", gpu)
+
+
 def test_deepspeed_config_derives_accumulation_and_refuses_bad_settings():
     config = deepspeed_config(65536, 64, 32, "fp16", 1.0, 0, "lamb")
     assert config["gradient_accumulation_steps"] == 32
