@@ -1,13 +1,19 @@
-"""Start-up cost of the sample plan: the chunk-level ``build_sample_plan`` vs the sentence loop it replaced.
+"""Start-up cost of the sample plan: the chunk-level ``build_sample_plan`` vs the sentence loop it replaced, and
+the memory the ranks of a node hold when they memory-map the cached plan instead of each holding a copy.
 
     python benchmarks/sample_plan.py [--tokens 300000000] [--shards 32] [--seq-lens 128 512] [--json OUT]
 
-Generates a synthetic corpus in memory (nothing is written to disk): per shard, documents of a geometric number
-of sentences (mean 23, one-sentence documents included) and sentences of lognormal token length (median 20,
-mean ~24), about the shape of WordPiece-tokenised Wikipedia. Each build (old, new; per sequence length) runs in
-its own process, which reports its build time (CPU seconds and wall) and its peak resident memory above the
-corpus it started with. Both plans' digests are compared; the numbers are scaled linearly to English Wikipedia's
-3.5B tokens (both builds are linear in the corpus). The old loop is ``tests/test_sample_plan.py``'s reference.
+Generates a synthetic corpus in memory: per shard, documents of a geometric number of sentences (mean 23,
+one-sentence documents included) and sentences of lognormal token length (median 20, mean ~24), about the shape of
+WordPiece-tokenised Wikipedia. Each build (old, new; per sequence length) runs in its own process, which reports its
+build time (CPU seconds and wall), its peak resident memory above the corpus it started with and the plan's bytes
+(the new int32 plan; the old loop's int64 one, which the ranks held before). Both plans' digests are compared. The
+new build's process also writes the plan's cache (``sample_plan.ensure_cached``: the ``.npy`` + sidecar a run keeps
+in ``plans/``) into a temp folder, removed at the end; then 2 processes at once each map it (``np.load(mmap_mode=
+"r")``, every page touched) or each load their own copy (int32, and int64 as before), and report what
+``/proc/self/smaps_rollup`` says the plan added: private (Private_Clean + Private_Dirty), shared and Pss bytes. The
+numbers are scaled linearly to English Wikipedia's 3.5B tokens (builds and plans are linear in the corpus). The old
+loop is ``tests/test_sample_plan.py``'s reference.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,12 +66,13 @@ def synthetic_corpus(tokens: int, shards: int, seed: int = 0) -> SimpleNamespace
     return corpus
 
 
-def measure(which: str, tokens: int, shards: int, seq_len: int) -> dict:
-    """One build in this process: seconds, peak RSS above the corpus, the plan's size and digest."""
+def measure(which: str, tokens: int, shards: int, seq_len: int, cache: Path | None = None) -> dict:
+    """One build in this process: seconds, peak RSS above the corpus, the plan's size and digest; with ``cache``
+    (the new build), then the plan's cache written there as a run writes it."""
     sys.path.insert(0, str(REPO / "tests"))
     from test_sample_plan import reference_plan
 
-    from earlybert_pretrain.pretrain.batches import build_sample_plan
+    from earlybert_pretrain.pretrain.sample_plan import build_sample_plan, ensure_cached
 
     corpus = synthetic_corpus(tokens, shards)
     build = reference_plan if which == "old" else build_sample_plan
@@ -73,17 +81,79 @@ def measure(which: str, tokens: int, shards: int, seq_len: int) -> dict:
     plan = build(corpus, seq_len, 0.1, 12345)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"which": which, "seq_len": seq_len, "tokens": corpus.num_tokens, "documents": corpus.num_documents,
-            "sentences": int(corpus.doc_sentences.sum()), "chunks": len(plan), "cpu_seconds": cpu,
-            "wall_seconds": wall, "peak_extra_bytes": max(0, peak_rss - base_rss),
-            "digest": hashlib.sha256(np.ascontiguousarray(plan, dtype=np.int64).tobytes()).hexdigest()}
+    row = {"which": which, "seq_len": seq_len, "tokens": corpus.num_tokens, "documents": corpus.num_documents,
+           "sentences": int(corpus.doc_sentences.sum()), "chunks": len(plan), "dtype": str(plan.dtype),
+           "plan_bytes": plan.nbytes, "cpu_seconds": cpu, "wall_seconds": wall,
+           "peak_extra_bytes": max(0, peak_rss - base_rss),
+           "digest": hashlib.sha256(np.ascontiguousarray(plan, dtype=np.int64).tobytes()).hexdigest()}
+    if cache is not None:
+        corpus.manifest_path = cache / "manifest.json"  # the corpus identity the sidecar records
+        corpus.manifest_path.write_text(json.dumps({"synthetic": {"tokens": tokens, "shards": shards}}))
+        del plan
+        wall = time.perf_counter()
+        row["cache"] = str(ensure_cached(corpus, seq_len, 0.1, 12345, cache / "plans"))
+        row["cache_write_wall_seconds"] = time.perf_counter() - wall  # a second build, then np.save + sidecar
+    return row
 
 
-def run_isolated(which: str, tokens: int, shards: int, seq_len: int) -> dict:
+SMAPS_FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
+
+
+def smaps_rollup() -> dict[str, int]:
+    """This process's memory by kind, in bytes (``/proc/self/smaps_rollup``)."""
+    found = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in SMAPS_FIELDS:
+            found[name] = int(value.split()[0]) * 1024
+    return found
+
+
+def hold(mode: str, path: str) -> None:
+    """A rank's view of the plan: map it (every page touched) or load a copy; report the memory it added once every
+    holder holds it (the parent says when, on stdin)."""
+    before = smaps_rollup()
+    if mode == "mapped":
+        plan = np.load(path, mmap_mode="r")
+    else:
+        plan = np.load(path).astype(np.int64 if mode == "copy-int64" else np.int32)
+    checksum = int(plan.sum(dtype=np.int64))  # touches every page
+    print("ready", flush=True)
+    sys.stdin.readline()
+    after = smaps_rollup()
+    delta = {name: after[name] - before[name] for name in SMAPS_FIELDS}
+    delta["private"] = delta["Private_Clean"] + delta["Private_Dirty"]
+    delta["shared"] = delta["Shared_Clean"] + delta["Shared_Dirty"]
+    print(json.dumps({"mode": mode, "checksum": checksum, **delta}), flush=True)
+    sys.stdin.readline()
+
+
+def held_together(mode: str, path: str, ranks: int = 2) -> list[dict]:
+    """``ranks`` processes holding the plan at once (``hold``): each one's memory deltas."""
+    children = [subprocess.Popen([sys.executable, __file__, "--hold", mode, path], cwd=REPO, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE) for _ in range(ranks)]
+    for child in children:
+        assert child.stdout.readline().strip() == "ready"
+    reports = []
+    for child in children:
+        child.stdin.write("measure\n")
+        child.stdin.flush()
+        reports.append(json.loads(child.stdout.readline()))
+    for child in children:
+        child.stdin.write("exit\n")
+        child.stdin.flush()
+        child.wait(timeout=60)
+    if len({report["checksum"] for report in reports}) != 1:
+        sys.exit(f"{mode}: the ranks read different plans")
+    return reports
+
+
+def run_isolated(which: str, tokens: int, shards: int, seq_len: int, cache: Path | None = None) -> dict:
     """``measure`` in a fresh process, so each peak RSS is its own."""
+    extra = ["--cache", str(cache)] if cache is not None else []
     done = subprocess.run([sys.executable, __file__, "--measure", which, "--tokens", str(tokens), "--shards",
-                           str(shards), "--seq-lens", str(seq_len)], cwd=REPO, capture_output=True, text=True,
-                          check=True)
+                           str(shards), "--seq-lens", str(seq_len), *extra], cwd=REPO, capture_output=True,
+                          text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -93,16 +163,31 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=32)
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--json", type=Path, help="write the measurements here")
-    parser.add_argument("--measure", choices=["old", "new"], help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--measure", choices=["old", "new"], help=argparse.SUPPRESS)  # the child processes
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--hold", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.tokens, args.shards, args.seq_lens[0])))
+        print(json.dumps(measure(args.measure, args.tokens, args.shards, args.seq_lens[0], args.cache)))
         return
+    if args.hold:
+        hold(*args.hold)
+        return
+    with tempfile.TemporaryDirectory(prefix="sample-plan-bench-") as scratch:
+        results = builds(args, Path(scratch))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+def builds(args: argparse.Namespace, scratch: Path) -> list[dict]:
     results = []
     print(f"{'seq':>4} {'build':<5} {'tokens':>12} {'chunks':>10} {'CPU s':>8} {'wall s':>8} {'peak MB':>8}"
           f"   at 3.5B tokens: {'CPU s':>8} {'peak GB':>8}")
     for seq_len in args.seq_lens:
-        pair = [run_isolated(which, args.tokens, args.shards, seq_len) for which in ("old", "new")]
+        cache = scratch / f"seq{seq_len}"
+        cache.mkdir()
+        pair = [run_isolated(which, args.tokens, args.shards, seq_len, cache if which == "new" else None)
+                for which in ("old", "new")]
         if pair[0]["digest"] != pair[1]["digest"]:
             sys.exit(f"seq {seq_len}: the new plan differs from the old one")
         for row in pair:
@@ -115,9 +200,21 @@ def main() -> None:
         print(f"     new/old: {pair[1]['cpu_seconds'] / pair[0]['cpu_seconds']:.2f}x CPU time, "
               f"{pair[1]['peak_extra_bytes'] / max(1, pair[0]['peak_extra_bytes']):.2f}x peak memory; plans identical "
               f"(sha256 {pair[1]['digest'][:12]})")
+        old, new = pair
+        scale = WIKIPEDIA_TOKENS / new["tokens"]
+        print(f"     plan: {new['plan_bytes'] / 2**20:.1f} MB int32 vs {old['plan_bytes'] / 2**20:.1f} MB int64 before"
+              f" ({new['plan_bytes'] / new['chunks']:.0f} vs {old['plan_bytes'] / old['chunks']:.0f} B a chunk); "
+              f"at 3.5B tokens {new['plan_bytes'] * scale / 2**30:.2f} GB vs {old['plan_bytes'] * scale / 2**30:.2f}"
+              f" GB; cache written in {new['cache_write_wall_seconds']:.1f} s wall (build + np.save + sidecar)")
+        sharing = {mode: held_together(mode, new["cache"]) for mode in ("mapped", "copy-int32", "copy-int64")}
+        print("     2 ranks at once, per rank (MB: private / shared / Pss)   at 3.5B tokens: private / Pss GB")
+        for mode, reports in sharing.items():
+            private, shared, pss = (max(r[key] for r in reports) for key in ("private", "shared", "Pss"))
+            print(f"     {mode:<11} {private / 2**20:>8.1f} / {shared / 2**20:>7.1f} / {pss / 2**20:>7.1f}"
+                  f"{'':25}{private * scale / 2**30:>8.2f} / {pss * scale / 2**30:.2f}")
+        new["sharing"] = sharing
         results += pair
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

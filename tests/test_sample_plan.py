@@ -1,8 +1,14 @@
-"""The chunk-level sample plan equals the sentence-by-sentence loop it replaced, on the real sample and on edges."""
+"""The chunk-level sample plan equals the sentence-by-sentence loop it replaced, on the real sample and on edges;
+its cache (built once, memory-mapped, rebuilt when stale) gives the same plan."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import multiprocessing
+import pickle
 import random
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,7 +16,10 @@ import numpy as np
 import pytest
 
 from earlybert_pretrain.errors import DataError
-from earlybert_pretrain.pretrain.batches import ShardedCorpus, build_sample_plan
+from earlybert_pretrain.pretrain import sample_plan
+from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus
+from earlybert_pretrain.pretrain.layout import RunLayout
+from earlybert_pretrain.pretrain.sample_plan import build_sample_plan, cached_sample_plan, plan_paths
 
 pytest_plugins = ["data_fixtures"]  # the session-wide build of the real dump
 
@@ -67,7 +76,7 @@ def test_plan_equals_the_sentence_loop_on_the_real_sample(wiki_build, max_seq_le
     corpus = ShardedCorpus(wiki_build.shards)
     expected = reference_plan(corpus, max_seq_len, short_seq_prob, seed)
     got = build_sample_plan(corpus, max_seq_len, short_seq_prob, seed)
-    assert got.dtype == np.int64 and got.shape == expected.shape and len(got) > 100
+    assert got.dtype == np.int32 and got.shape == expected.shape and len(got) > 100
     assert np.array_equal(got, expected)
 
 
@@ -84,3 +93,125 @@ def test_plan_equals_the_sentence_loop_on_edge_cases() -> None:
 def test_a_corpus_without_two_sentence_documents_is_named() -> None:
     with pytest.raises(DataError, match="manifest.json: no document of split 'train' has two sentences"):
         build_sample_plan(synthetic_corpus([[[4], [9]]]), 128, 0.1, 1)
+
+
+def test_a_corpus_that_overflows_int32_is_named() -> None:
+    huge = SimpleNamespace(num_documents=2**31, doc_sentences=np.array([3]), manifest_path=Path("m/manifest.json"),
+                           split="train")
+    with pytest.raises(DataError, match=r"m/manifest.json: split 'train' has 2,147,483,648 documents.*int32"):
+        sample_plan.check_fits_int32(huge, 128)
+
+
+SETTING = (64, 0.1, 4)
+
+
+@pytest.fixture(scope="module")
+def corpus(wiki_build) -> ShardedCorpus:
+    return ShardedCorpus(wiki_build.shards)
+
+
+@pytest.fixture
+def builds(monkeypatch) -> list[int]:
+    """Counts the cache's calls of the builder."""
+    calls: list[int] = []
+    real = sample_plan.build_sample_plan
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(sample_plan, "build_sample_plan", counted)
+    return calls
+
+
+def test_the_cache_is_built_once_then_memory_mapped(corpus, tmp_path, builds, caplog) -> None:
+    fresh = build_sample_plan(corpus, *SETTING)
+    with caplog.at_level("INFO", logger="earlybert_pretrain.pretrain.sample_plan"):
+        first = cached_sample_plan(corpus, *SETTING, tmp_path)
+    npy, sidecar = plan_paths(tmp_path, *SETTING)
+    logged = rf"sample plan: building seq 64 .*: {len(fresh):,} chunks .* in [0-9.]+ s -> {re.escape(str(npy))}"
+    assert re.search(logged, caplog.text)
+    assert isinstance(first, np.memmap) and first.dtype == np.int32 and np.array_equal(first, fresh)
+    meta = json.loads(sidecar.read_text())
+    assert meta["shape"] == list(fresh.shape) and meta["split"] == "train"
+    assert npy.name == "plan-seq64-short0.1-seed4.npy" and sidecar.name == "plan-seq64-short0.1-seed4.json"
+    assert meta["manifest_sha256"] == hashlib.sha256(corpus.manifest_path.read_bytes()).hexdigest()
+    stamp = npy.stat().st_mtime_ns
+    second = cached_sample_plan(corpus, *SETTING, tmp_path)
+    assert isinstance(second, np.memmap) and np.array_equal(second, fresh)
+    assert len(builds) == 1 and npy.stat().st_mtime_ns == stamp
+    layout = RunLayout(tmp_path)
+    assert layout.plans == tmp_path / "plans" and "plans" in layout.owned()
+
+
+def _damage(npy: Path, sidecar: Path, how: str) -> None:
+    if how == "other manifest":
+        meta = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps({**meta, "manifest_sha256": "0" * 64}))
+    elif how == "truncated":
+        npy.write_bytes(npy.read_bytes()[:-16])
+    elif how == "wrong shape":
+        meta = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps({**meta, "shape": [meta["shape"][0] - 1, 4]}))
+    elif how == "int64":
+        np.save(npy, np.load(npy).astype(np.int64))
+    elif how == "no sidecar":
+        sidecar.unlink()
+    elif how == "garbage":
+        npy.write_bytes(b"not a plan")
+
+
+@pytest.mark.parametrize("how", ["other manifest", "truncated", "wrong shape", "int64", "no sidecar", "garbage"])
+def test_a_stale_or_damaged_cache_is_rebuilt(corpus, tmp_path, builds, how) -> None:
+    cached_sample_plan(corpus, *SETTING, tmp_path)
+    _damage(*plan_paths(tmp_path, *SETTING), how)
+    rebuilt = cached_sample_plan(corpus, *SETTING, tmp_path)
+    assert len(builds) == 2 and isinstance(rebuilt, np.memmap)
+    assert np.array_equal(rebuilt, build_sample_plan(corpus, *SETTING))
+    assert len(builds) == 2 and np.array_equal(cached_sample_plan(corpus, *SETTING, tmp_path), rebuilt)
+
+
+def _digest_of_cached(corpus, folder, queue) -> None:
+    plan = cached_sample_plan(corpus, *SETTING, folder)
+    queue.put((type(plan).__name__, hashlib.sha256(np.ascontiguousarray(plan).tobytes()).hexdigest()))
+
+
+def test_two_processes_reading_the_cache_get_equal_plans(corpus, tmp_path) -> None:
+    """Both race to build an empty cache (atomic writes), then both map the one that is there."""
+    expected = hashlib.sha256(build_sample_plan(corpus, *SETTING).tobytes()).hexdigest()
+    context = multiprocessing.get_context("fork")
+    for _ in range(2):
+        queue = context.Queue()
+        workers = [context.Process(target=_digest_of_cached, args=(corpus, tmp_path, queue)) for _ in range(2)]
+        for worker in workers:
+            worker.start()
+        got = [queue.get(timeout=60) for _ in workers]
+        for worker in workers:
+            worker.join(timeout=60)
+            assert worker.exitcode == 0
+        assert got == [("memmap", expected)] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan-seq64-short0.1-seed4.json",
+                                                          "plan-seq64-short0.1-seed4.npy"]
+
+
+def test_a_pickled_stream_maps_its_plan_again_by_path(corpus, tmp_path) -> None:
+    stream = PretrainingBatches(corpus, SETTING[0], 10, micro_batch_size=3, seed=SETTING[2],
+                                short_seq_prob=SETTING[1], plan_cache=tmp_path)
+    assert isinstance(stream.plan, np.memmap)
+    assert stream.__getstate__()["plan"] == Path(stream.plan.filename)  # the plan travels as its path
+    copy = pickle.loads(pickle.dumps(stream))
+    assert copy.corpus._plans == {}  # nor does the corpus' copy of it
+    assert isinstance(copy.plan, np.memmap) and Path(copy.plan.filename) == Path(stream.plan.filename)
+    assert np.array_equal(copy.plan, stream.plan)
+    for key, value in copy.example(17).items():
+        assert np.array_equal(value, stream.example(17)[key])
+
+
+def test_a_killed_builds_temp_file_is_swept_and_a_live_ones_kept(corpus, tmp_path) -> None:
+    npy, _ = plan_paths(tmp_path, *SETTING)
+    dead = tmp_path / f".tmp-999999999-0a1b2c3d-{npy.name}"  # above any pid_max: no such process
+    live = tmp_path / f".tmp-{multiprocessing.current_process().pid}-0a1b2c3d-{npy.name}"
+    for temp in (dead, live):
+        temp.write_bytes(b"half a plan")
+    cached_sample_plan(corpus, *SETTING, tmp_path)
+    assert not dead.exists() and live.exists()

@@ -7,7 +7,8 @@ Shards are the ``.bin``/``.idx`` pairs and ``manifest.json`` written by ``earlyb
   that reach a target length — ``max_seq_len - 3`` tokens, or with probability ``short_seq_prob`` a random
   length in ``[2, max_seq_len - 3]``. Unlike BERT a chunk always holds >= 2 sentences (a lone sentence at a
   document's end joins the chunk before it; one-sentence documents start no chunk), so the NSP coin below is a
-  fair 50/50 rather than forced to "random" for one-sentence chunks.
+  fair 50/50 rather than forced to "random" for one-sentence chunks. Built by ``sample_plan`` (int32), once per run
+  into the run's ``plans/`` and memory-mapped by every rank (the ranks of a node share one copy).
 * Example: segment A is the chunk's first ``a_end`` sentences (``a_end`` uniform in [1, n-1]); with probability
   0.5 segment B is the rest of the chunk (label 0), else sentences from a random start in a random other document,
   up to the remaining target length (label 1, the transformers convention). The pair is truncated to
@@ -30,11 +31,8 @@ import ctypes
 import functools
 import itertools
 import os
-import random
 import signal
 import sys
-from array import array
-from bisect import bisect_left
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +46,7 @@ from earlybert_pretrain.common.files import sha256_file
 from earlybert_pretrain.common.masking import mask_tokens
 from earlybert_pretrain.common.tokens import SPECIAL_TOKENS
 from earlybert_pretrain.errors import ConfigError, DataError
+from earlybert_pretrain.pretrain.sample_plan import build_sample_plan, cached_sample_plan
 
 RANDOM_NEXT_TRIES = 10
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -81,12 +80,19 @@ class ShardedCorpus:
         self.num_tokens = sum(s.num_tokens for s in self.shards)
         self._plans: dict[tuple[int, float, int], np.ndarray] = {}
 
-    def sample_plan(self, max_seq_len: int, short_seq_prob: float, seed: int) -> np.ndarray:
-        """``build_sample_plan`` once per setting: the search and phase 1 read the same plan."""
+    def sample_plan(self, max_seq_len: int, short_seq_prob: float, seed: int,
+                    cache: str | Path | None = None) -> np.ndarray:
+        """The plan once per setting (the search and phase 1 read the same one): memory-mapped from the folder
+        ``cache`` (built there once, by global rank 0; ``sample_plan.cached_sample_plan``), else built in memory."""
         key = (max_seq_len, short_seq_prob, seed)
         if key not in self._plans:
-            self._plans[key] = build_sample_plan(self, max_seq_len, short_seq_prob, seed)
+            self._plans[key] = (build_sample_plan(self, max_seq_len, short_seq_prob, seed) if cache is None
+                                else cached_sample_plan(self, max_seq_len, short_seq_prob, seed, cache))
         return self._plans[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Plans are a cache (a mapped one would be copied into the pickle); a stream re-opens its own by path.
+        return {**self.__dict__, "_plans": {}}
 
     def _read_vocab(self, expected_sha256: str) -> list[str]:
         if not self.vocab_path.is_file():
@@ -129,47 +135,6 @@ class ShardedCorpus:
         return tokens
 
 
-def build_sample_plan(corpus: ShardedCorpus, max_seq_len: int, short_seq_prob: float, seed: int) -> np.ndarray:
-    """Chunks ``[doc, first sentence, end sentence, target length]`` (int64 [n, 4]) — see the module docstring.
-
-    One Python step per chunk, none per sentence: a chunk from ``begin`` with goal ``g`` ends at the first
-    ``end >= begin + 2`` whose running token count ``cum[end] - cum[begin]`` reaches ``g`` (a C bisect over the
-    shard's cumulative lengths), else at the document's end. The goals come from ``random.Random(seed)`` in the
-    order the plan has always drawn them — one when a document starts, one after every closed chunk — so the plan
-    is the one the sentence-by-sentence loop built (tests/test_sample_plan.py keeps that loop as the reference).
-    """
-    max_num_tokens = max_seq_len - 3
-    draw = random.Random(seed)
-
-    def target() -> int:
-        return draw.randint(2, max_num_tokens) if draw.random() < short_seq_prob else max_num_tokens
-
-    rows = array("q")  # 32 bytes a chunk: a list of tuples would take ~5x that at Wikipedia's 28M chunks
-    eligible = corpus.doc_sentences >= 2  # one-sentence documents start no chunk (and draw nothing)
-    for index, shard in enumerate(corpus.shards):
-        docs = np.flatnonzero(eligible & (corpus.doc_shard == index))
-        cum = np.zeros(shard.num_sentences + 1, dtype=np.int64)  # one shard at a time bounds the memory
-        np.cumsum(shard.sentence_lengths, dtype=np.int64, out=cum[1:])
-        tokens_before = memoryview(cum)
-        for doc, start, count in zip(docs.tolist(), corpus.doc_first[docs].tolist(),
-                                     corpus.doc_sentences[docs].tolist()):
-            stop, begin, goal = start + count, start, target()
-            while True:
-                if begin == stop - 1:  # a lone last sentence joins the previous chunk of this document
-                    rows[-2] = count
-                    target()
-                    break
-                end = bisect_left(tokens_before, tokens_before[begin] + goal, begin + 2, stop)
-                rows.extend((doc, begin - start, end - start, goal))
-                goal = target()
-                if end == stop:
-                    break
-                begin = end
-    if not rows:
-        raise DataError(f"{corpus.manifest_path}: no document of split '{corpus.split}' has two sentences")
-    return np.frombuffer(rows, dtype=np.int64).reshape(-1, 4)
-
-
 def _truncation(len_a: int, len_b: int, max_num_tokens: int) -> tuple[int, int]:
     """Tokens BERT's truncate_seq_pair removes from A and B (one at a time from the longer, B on ties)."""
     excess = len_a + len_b - max_num_tokens
@@ -204,6 +169,7 @@ class PretrainingBatches:
         short_seq_prob: float = 0.1,
         whole_word_masking: bool = False,
         start_sample: int = 0,
+        plan_cache: str | Path | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
@@ -219,7 +185,7 @@ class PretrainingBatches:
         self.masked_lm_prob, self.short_seq_prob = masked_lm_prob, short_seq_prob
         self.whole_word_masking = whole_word_masking
         self.samples_consumed = start_sample
-        self.plan = corpus.sample_plan(max_seq_len, short_seq_prob, seed)
+        self.plan = corpus.sample_plan(max_seq_len, short_seq_prob, seed, plan_cache)
         special = corpus.special_ids
         self.cls_id, self.sep_id, self.mask_id, self.pad_id = (
             special["[CLS]"], special["[SEP]"], special["[MASK]"], special["[PAD]"]
@@ -229,6 +195,18 @@ class PretrainingBatches:
         self.regular_ids = np.flatnonzero(~bracketed)
         self.is_continuation = np.array([t.startswith("##") for t in corpus.vocab])
         self._order_epoch, self._order = -1, np.zeros(0, dtype=np.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A memory-mapped plan travels as its path (a spawned worker maps the same file); fork keeps the mapping.
+        state = dict(self.__dict__)
+        if isinstance(self.plan, np.memmap) and self.plan.filename is not None:
+            state["plan"] = Path(self.plan.filename)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["plan"], Path):
+            state["plan"] = np.load(state["plan"], mmap_mode="r")
+        self.__dict__.update(state)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -354,7 +332,7 @@ def prefetched(stream: PretrainingBatches, num_workers: int, prefetch: int,
     loader = torch.utils.data.DataLoader(
         MicroBatches(stream), batch_size=None, sampler=itertools.count(), num_workers=num_workers,
         prefetch_factor=prefetch, pin_memory=pin_memory, persistent_workers=False,
-        # fork shares the memory-mapped shards and the plan copy-on-write instead of pickling them per worker
+        # fork shares the memory-mapped shards and plan (an in-memory plan copy-on-write) instead of pickling them
         multiprocessing_context="fork", worker_init_fn=functools.partial(_die_with_trainer, os.getpid()),
         # a private generator: the loader's base seed must not advance the global torch RNG (dropout)
         generator=torch.Generator().manual_seed(stream.seed))

@@ -176,7 +176,8 @@ def train_stage(run: Run, stage: str, model: BertForPreTraining, phase: PhaseCon
             run.corpus, phase.seq_len, phase.max_predictions, phase.micro_batch_size, run.runtime.rank,
             run.runtime.world_size, seed=data.seed, masked_lm_prob=data.masked_lm_prob,
             short_seq_prob=data.short_seq_prob, whole_word_masking=data.whole_word_masking,
-            start_sample=micro_batches_done * phase.micro_batch_size * run.runtime.world_size)
+            start_sample=micro_batches_done * phase.micro_batch_size * run.runtime.world_size,
+            plan_cache=run.layout.plans)  # built once by rank 0, memory-mapped by every rank
         first_samples["by_rank"] = from_every_rank(stream.batch_indices(stream.samples_consumed))
         return prefetched(stream, data.num_workers, data.prefetch, pin_memory=run.runtime.device.type == "cuda")
 
