@@ -141,7 +141,8 @@ def test_the_cache_is_built_once_then_memory_mapped(corpus, tmp_path, builds, ca
     assert isinstance(second, np.memmap) and np.array_equal(second, fresh)
     assert len(builds) == 1 and npy.stat().st_mtime_ns == stamp
     layout = RunLayout(tmp_path)
-    assert layout.plans == tmp_path / "plans" and "plans" in layout.owned()
+    # under checkpoints/, the folder every rank is checked to share (--overwrite removes it with them)
+    assert layout.plans == tmp_path / "checkpoints" / "plans" and "checkpoints" in layout.owned()
 
 
 def _damage(npy: Path, sidecar: Path, how: str) -> None:

@@ -8,7 +8,7 @@ Shards are the ``.bin``/``.idx`` pairs and ``manifest.json`` written by ``earlyb
   length in ``[2, max_seq_len - 3]``. Unlike BERT a chunk always holds >= 2 sentences (a lone sentence at a
   document's end joins the chunk before it; one-sentence documents start no chunk), so the NSP coin below is a
   fair 50/50 rather than forced to "random" for one-sentence chunks. Built by ``sample_plan`` (int32), once per run
-  into the run's ``plans/`` and memory-mapped by every rank (the ranks of a node share one copy).
+  into the run's ``checkpoints/plans/`` and memory-mapped by every rank (the ranks of a node share one copy).
 * Example: segment A is the chunk's first ``a_end`` sentences (``a_end`` uniform in [1, n-1]); with probability
   0.5 segment B is the rest of the chunk (label 0), else sentences from a random start in a random other document,
   up to the remaining target length (label 1, the transformers convention). The pair is truncated to

@@ -4,9 +4,10 @@
     progress.json        finished stages, each with its StageResult record: the resume point
     timing.json          per-stage step time by the Sec. 4.1 protocol
     checkpoints/         DeepSpeed checkpoints of the running stage (train/checkpoint.py)
+      plans/             sample plans, one .npy + .json per (seq len, short_seq_prob, seed): built by rank 0,
+                         memory-mapped by every rank (pretrain/sample_plan.py); under checkpoints/, the one
+                         folder every rank is checked to share
     tensorboard/         event files (rank 0)
-    plans/               sample plans, one .npy + .json per (seq len, short_seq_prob, seed): built by rank 0,
-                         memory-mapped by every rank (pretrain/sample_plan.py)
     theta0/              θ0: the initial weights (HF folder), what re-initialisation rewinds to
     search/              mask_history.json and heatmap.png (Figure 1)
     ticket.json          the drawn (or given / random) ticket; ticket_report.json beside it
@@ -47,7 +48,7 @@ class RunLayout:
 
     @property
     def plans(self) -> Path:
-        return self.root / "plans"
+        return self.checkpoints / "plans"
 
     @property
     def theta0(self) -> Path:
@@ -95,7 +96,7 @@ class RunLayout:
 
     def owned(self) -> list[str]:
         """Every entry a run writes at the top of its folder: what --overwrite removes, and nothing else."""
-        return ["run.json", "progress.json", "timing.json", "checkpoints", "tensorboard", "plans", "theta0", "search",
+        return ["run.json", "progress.json", "timing.json", "checkpoints", "tensorboard", "theta0", "search",
                 "ticket.json", "ticket_report.json", "phase1_model", "final_model", "report.json", "report.txt",
                 "report.png"]
 

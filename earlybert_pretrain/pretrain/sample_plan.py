@@ -2,7 +2,8 @@
 
 ``build_sample_plan`` returns the plan as int32 ``[n, 4]`` rows ``[doc, first sentence, end sentence, target]``
 (16 bytes a chunk; 0.45 GB at Wikipedia's ~28M chunks). ``cached_sample_plan`` builds it once into a cache folder
-(pre-training: the run's ``plans/``) and memory-maps it, so the ranks of a node share one copy in the page cache:
+(pre-training: the run's ``checkpoints/plans/``, which every rank is checked to share) and memory-maps it, so the
+ranks of a node share one copy in the page cache:
 
     plans/plan-seq128-short0.1-seed12345.npy    the plan (``np.save`` format, written to a temp file + os.replace)
     plans/plan-seq128-short0.1-seed12345.json   its sidecar: key, split, sha256 of the shards' manifest.json, shape
