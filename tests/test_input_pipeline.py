@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_pretrain import final_weights, run_cli, tiny_recipe
 
 from earlybert_pretrain.pretrain import cli as pretrain
-from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus, prefetched
+from earlybert_pretrain.pretrain.batches import MicroBatches, PretrainingBatches, ShardedCorpus, prefetched
 from earlybert_pretrain.train.telemetry import StepTimer
 
 pytest_plugins = ["data_fixtures"]  # the session-wide build of the real dump
@@ -43,6 +43,20 @@ def test_workers_build_exactly_the_in_process_batches_in_order(corpus: ShardedCo
     for want, have in zip(expected, got):
         assert want.keys() == have.keys()
         assert all(torch.equal(want[key], have[key]) for key in want)
+
+
+def test_a_worker_batch_is_pinned_whole_by_the_loaders_pin_thread(corpus: ShardedCorpus, monkeypatch) -> None:
+    """On CUDA the loader's pin thread gets ArrayBatch objects from the workers; its pin function must turn each into
+    the batch's tensors, pinned (pinning itself needs CUDA: a copy stands in for it here)."""
+    from torch.utils.data._utils.pin_memory import pin_memory as loader_pin
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, *args: pinned.append(tensor) or tensor.clone())
+    source = stream(corpus)
+    got = loader_pin(MicroBatches(source)[5])
+    expected = source.batch(5 * 3 * 2)
+    assert got.keys() == expected.keys() and len(pinned) == len(expected)
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
 def test_the_step_clock_is_process_cpu_time_on_cpu() -> None:
