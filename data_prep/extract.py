@@ -73,6 +73,12 @@ def iter_pages(dump: Path, stats: dict[str, int]) -> Iterator[tuple[str, str, st
         raise PrepError(f"{dump}: empty file, not a MediaWiki dump")
 
 
+def check_dump(dump: Path) -> None:
+    """Read ``dump`` as ``iter_pages`` does up to its first article: a file that is not a (bz2) MediaWiki dump, or
+    is cut short before one, fails here with ``iter_pages``' error, before the output folder is touched."""
+    next(iter_pages(dump, {"pages": 0, "redirects": 0, "other_namespaces": 0}), None)
+
+
 def clean_pages(pages: list[tuple[str, str, str]]) -> list[dict[str, str]]:
     """Worker task: wikitext -> plain text for a batch of pages (empty articles are dropped)."""
     docs = []
@@ -165,6 +171,8 @@ def extract(
     params = {"inputs": [[str(d.resolve()), d.stat().st_size] for d in paths], "docs_per_chunk": docs_per_chunk}
     if done := stage_done(out_dir, STAGE, params):
         return done
+    for dump in paths:
+        check_dump(dump)
     begin_stage(out_dir, params, ["wiki_*.jsonl"])
     if len(paths) == 1 or workers <= 1:
         results = [_extract_stream(i, dump, out_dir, docs_per_chunk, workers) for i, dump in enumerate(paths)]
