@@ -54,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"{name}={getattr(args, name)}" for name in _FLAGS if getattr(args, name) is not None]
     try:
         config = load_config(FinetuneConfig, args.config, overrides + list(args.overrides))
-        from earlybert_pretrain.finetune.trainer import (
-            run,  # heavy imports (torch, datasets, transformers) after the arguments are checked
-        )
+        # heavy imports (torch, datasets, transformers) after the arguments are checked
+        from earlybert_pretrain.finetune.trainer import run
+        from earlybert_pretrain.train.distributed import leaving_process_group
 
-        with user_filesystem_errors(config.output_dir):
+        with leaving_process_group(), user_filesystem_errors(config.output_dir):
             metrics = run(config, resume=args.resume, overwrite=args.overwrite)
     except UserError as err:  # anything else is a bug: it keeps its traceback
         print(f"earlybert-finetune: error: {err}", file=sys.stderr)

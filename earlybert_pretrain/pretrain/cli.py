@@ -17,6 +17,7 @@ from earlybert_pretrain.common.oserrors import user_filesystem_errors
 from earlybert_pretrain.config import PretrainConfig, load_config
 from earlybert_pretrain.errors import UserError
 from earlybert_pretrain.pretrain.recipe import pretrain
+from earlybert_pretrain.train.distributed import leaving_process_group
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
-        with user_filesystem_errors(cfg.output_dir):
+        with leaving_process_group(), user_filesystem_errors(cfg.output_dir):
             pretrain(cfg, resume=args.resume, overwrite=args.overwrite, compare_to=args.compare_to,
                      match_time=args.match_time, match_flops=args.match_flops)
     except UserError as err:

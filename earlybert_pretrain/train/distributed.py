@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch.distributed as dist
@@ -14,6 +15,19 @@ T = TypeVar("T")
 
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+@contextmanager
+def leaving_process_group() -> Iterator[None]:
+    """A CLI's run: a process group joined inside it is destroyed at its end, error or not. Left to the interpreter's
+    exit, gloo's threads can abort the process ("terminate called without an active exception", SIGABRT) after a
+    clean one-line error. A group that existed before (a test's) is left alone."""
+    joined_before = initialized()
+    try:
+        yield
+    finally:
+        if not joined_before and initialized():
+            dist.destroy_process_group()
 
 
 def rank() -> int:
