@@ -1,13 +1,15 @@
 """One rank of the 2-rank ZeRO LAMB checks (launched by tests/test_zero_lamb.py with RANK / WORLD_SIZE / MASTER_*).
 
 ``compare OUT``: the same 10 steps (uneven pruned geometry, accumulation 2, clipping) at ZeRO 0, 1, 2, 2 with
-round-robin partitions, and 2 with DeepSpeed's per-partition ratios; rank 0 saves every run's final weights and
-optimizer-state bytes to OUT. A wider model trains first, so the runs are later, smaller engines in one process.
+round-robin partitions, 2 with DeepSpeed's per-partition ratios, and ZeRO 0 and 2 in bf16; rank 0 saves every
+run's final weights and optimizer-state bytes to OUT. A wider model trains first, so the runs are later, smaller
+engines in one process.
 ``train OUT CKPT``: ZeRO 2, checkpoints every 5 steps, resumed from CKPT when one is there, then handed off to a
 new stage (save_handoff / load_handoff); rank 0 saves the final weights and whether every rank's next stage started
 from the same fp32 partitions, moments and weights to OUT (the test SIGKILLs a first run mid-way).
 """
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -76,9 +78,10 @@ def compare(runtime: Runtime, out: Path) -> None:
     results = {}
     plain_config = stage_module.deepspeed_config
     for name, zero_stage in (("zero0", 0), ("zero1", 1), ("zero2", 2), ("zero2_round_robin", 2),
-                             ("zero2_per_partition", 2)):
+                             ("zero2_per_partition", 2), ("zero0_bf16", 0), ("zero2_bf16", 2)):
         stage_module.deepspeed_config = with_round_robin(plain_config) if "round_robin" in name else plain_config
-        with Stage.build(model(), settings(name, zero_stage), runtime) as stage:
+        on = dataclasses.replace(runtime, precision="bf16") if name.endswith("bf16") else runtime
+        with Stage.build(model(), settings(name, zero_stage), on) as stage:
             if name == "zero2_per_partition":  # what DeepSpeed gives a plain LAMB: one ratio per flat partition
                 stage.engine.optimizer.optimizer.partition_layouts = {}
             result = stage.run(batches_from(runtime.rank), STEPS)
