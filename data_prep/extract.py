@@ -24,6 +24,7 @@ from earlybert_pretrain.common.files import atomic_path, atomic_write_json, sha2
 
 STAGE = "extract"
 PAGES_PER_TASK = 32
+PAGE_COUNTS = ("pages", "redirects", "other_namespaces")  # what iter_pages counts
 
 
 def chunk_name(file_index: int, index: int) -> str:
@@ -76,7 +77,7 @@ def iter_pages(dump: Path, stats: dict[str, int]) -> Iterator[tuple[str, str, st
 def check_dump(dump: Path) -> None:
     """Read ``dump`` as ``iter_pages`` does up to its first article: a file that is not a (bz2) MediaWiki dump, or
     is cut short before one, fails here with ``iter_pages``' error, before the output folder is touched."""
-    next(iter_pages(dump, {"pages": 0, "redirects": 0, "other_namespaces": 0}), None)
+    next(iter_pages(dump, dict.fromkeys(PAGE_COUNTS, 0)), None)
 
 
 def clean_pages(pages: list[tuple[str, str, str]]) -> list[dict[str, str]]:
@@ -128,7 +129,7 @@ def _extract_stream(
 ) -> tuple[dict[str, int], list[str]]:
     """Extract one dump file into its chunks; returns (page counts, chunk names in order)."""
     done_chunks = {int(p.stem.rsplit("_", 1)[1]) for p in out_dir.glob(f"wiki_{file_index:03d}_*.jsonl")}
-    stats = {"pages": 0, "redirects": 0, "other_namespaces": 0}
+    stats = dict.fromkeys(PAGE_COUNTS, 0)
     buffers: dict[int, list[dict[str, str]]] = {}
     progress = tqdm(desc=f"extract {dump.name}", unit=" pages", disable=None)
     tasks = _tasks(iter_pages(dump, stats), docs_per_chunk, done_chunks)
@@ -179,7 +180,7 @@ def extract(
     else:
         tasks = [(i, dump, out_dir, docs_per_chunk) for i, dump in enumerate(paths)]
         results = list(ordered_parallel_map(_extract_file_task, tasks, workers))
-    stats = {key: sum(r[0][key] for r in results) for key in ("pages", "redirects", "other_namespaces")}
+    stats = {key: sum(r[0][key] for r in results) for key in PAGE_COUNTS}
     kept = stats["pages"] - stats["redirects"] - stats["other_namespaces"]
     where = paths[0] if len(paths) == 1 else f"{len(paths)} dump files ({paths[0]}, ...)"
     if kept == 0:

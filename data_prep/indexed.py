@@ -16,10 +16,9 @@ sha256 of its bytes, size, special tokens), ``tokenizer`` (file, sha256, setting
 shard entries: ``bin``/``idx`` file names, counts, ``max_token_id``, and per file ``<kind>_bytes``,
 ``<kind>_sha256`` and ``<kind>_blocks``, one blake2b-64 digest per ``block_bytes`` block), ``balance``, ``totals``.
 
-Verification (``verify_shard``), once per shard file per process: ``sizes`` compares sizes only; ``sample``
-(the default)
-also hashes ``SAMPLED_BLOCKS`` blocks of each file chosen at random per process, so many ranks together cover much of
-the corpus for little I/O each; ``full`` hashes every byte against the file's sha256.
+Verification (``verify_shard``), once per shard file per process: ``sizes`` compares sizes only; ``sample`` (the
+default) also hashes ``SAMPLED_BLOCKS`` blocks of each file chosen at random per process, so many ranks together
+cover much of the corpus for little I/O each; ``full`` hashes every byte against the file's sha256.
 
 Written by ``data_prep.shard``, read by ``earlybert_pretrain.pretrain.batches`` and the pre-training recipe.
 """

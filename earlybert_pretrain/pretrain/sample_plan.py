@@ -175,8 +175,9 @@ def cached_sample_plan(corpus: Any, max_seq_len: int, short_seq_prob: float, see
                        folder: str | Path) -> np.memmap:
     """The plan, memory-mapped from ``folder``: global rank 0 builds it there when no valid cache exists (the other
     ranks wait for it; its errors reach every rank), then every rank maps the same file."""
-    npy = Path(on_main_rank(lambda: str(ensure_cached(corpus, max_seq_len, short_seq_prob, seed, folder))))
-    plan = open_cached(npy, npy.with_suffix(".json"), _identity(corpus, npy.stem))
+    npy, sidecar = plan_paths(folder, max_seq_len, short_seq_prob, seed)
+    on_main_rank(lambda: ensure_cached(corpus, max_seq_len, short_seq_prob, seed, folder))  # the others wait
+    plan = open_cached(npy, sidecar, _identity(corpus, npy.stem))
     blind = [rank for rank, readable in enumerate(from_every_rank(plan is not None)) if not readable]
     if blind:  # raised on every rank, so none waits for the others
         raise DataError(f"{npy}: rank(s) {blind} cannot read the sample plan rank 0 just wrote there; the folder must "
