@@ -176,3 +176,18 @@ def test_fp16_overflow_skips_the_update_and_holds_the_lr_schedule(single_process
         assert not stage.engine.optimizer.overflow and stage.engine.skipped_steps == 1
         assert not all(torch.equal(before[name], p) for name, p in stage.module.named_parameters())
         assert stage.engine.get_lr()[0] > first_lr  # warmup moved on by one step, not two
+
+
+def test_fp16_training_stays_near_its_fp32_twin(single_process_dist):
+    """6 steps of fp16 autocast + loss scaling against the same 6 in fp32 (measured 2.0e-3 relative, worst tensor;
+    bf16's 8-bit mantissa gives 5.1e-2 here): the scaled, unscaled and clipped gradients are the fp32 ones."""
+    def trained(precision: str) -> dict[str, torch.Tensor]:
+        with Stage.build(tiny_model(), settings(precision), Runtime(0, 1, CPU, precision)) as stage:
+            stage.run(open_batches, STEPS)
+            return {name: p.detach().clone() for name, p in stage.module.named_parameters()}
+
+    fp32, fp16 = trained("fp32"), trained("fp16")
+    errors = {name: float((fp16[name] - fp32[name]).norm() / fp32[name].norm()) for name in fp32
+              if not name.endswith("key.bias")}  # its gradient is 0 in exact arithmetic: rounding noise only
+    assert max(errors.values()) < 1e-2, max(errors.items(), key=lambda item: item[1])
+    assert max(errors.values()) > 0  # fp16 really ran
