@@ -203,6 +203,10 @@ def test_two_ranks_match_one_process(tiny, tmp_path):
     assert double["world_size"] == 2 and single["world_size"] == 1
     assert double["ticket"]["digest"] == single["ticket"]["digest"]
     assert double["time"]["total_steps"] == single["time"]["total_steps"] == 4 + 2 * 4
+    # Evaluation sharded over the two ranks and gathered scores what one process scores.
+    for mine, theirs in zip(double["epochs"], single["epochs"], strict=True):
+        for split, values in theirs["scores"].items():
+            assert mine["scores"][split] == pytest.approx(values, abs=1e-6)
     one, two = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("one", "two"))
     assert one.keys() == two.keys()
     for key in one:

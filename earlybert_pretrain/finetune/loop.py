@@ -20,6 +20,8 @@ from earlybert_pretrain.finetune.features import pad_batch
 from earlybert_pretrain.finetune.metrics import classification_scores, squad_scores
 from earlybert_pretrain.finetune.squad import SquadSettings, extract_answers
 from earlybert_pretrain.finetune.tasks import TaskSpec
+from earlybert_pretrain.train import distributed
+from earlybert_pretrain.train.engine import evaluation_autocast
 
 # Batch fields each head takes as its training targets.
 _TARGETS = {"squad": ("start_position", "end_position")}
@@ -93,22 +95,28 @@ def model_inputs(batch: dict[str, torch.Tensor], task: TaskSpec, device: torch.d
 
 @torch.no_grad()
 def predict(model: nn.Module, features: datasets.Dataset, task: TaskSpec, device: torch.device, batch_size: int,
-            pad_token_id: int) -> list[np.ndarray]:
-    """Logits per feature, in order: [num_labels] per example, or [length, 2] per SQuAD window."""
+            pad_token_id: int, precision: str = "fp32") -> list[np.ndarray]:
+    """Logits per feature, in order: [num_labels] per example, or [length, 2] per SQuAD window. Under the training
+    precision (bf16/fp16 autocast, logits returned in fp32), each rank scoring a contiguous share of the features;
+    every rank gets all of them, so the scores are those of one process."""
     was_training = model.training
     model.eval()
-    loader = DataLoader(features, batch_size=batch_size, collate_fn=lambda rows: pad_batch(rows, pad_token_id))
+    share = math.ceil(len(features) / distributed.world_size())
+    start = min(len(features), distributed.rank() * share)
+    mine = features.select(range(start, min(len(features), start + share)))
+    loader = DataLoader(mine, batch_size=batch_size, collate_fn=lambda rows: pad_batch(rows, pad_token_id))
     outputs = []
     for batch in loader:
         inputs = model_inputs(batch, task, device, with_targets=False)
-        logits = model(**inputs).logits.float().cpu().numpy()
+        with evaluation_autocast(precision, device):
+            logits = model(**inputs).logits.float().cpu().numpy()
         if task.kind == "squad":
             lengths = batch["attention_mask"].sum(dim=1).tolist()
             outputs.extend(row[:length] for row, length in zip(logits, lengths))
         else:
             outputs.extend(logits)
     model.train(was_training)
-    return outputs
+    return [row for rank_outputs in distributed.from_every_rank(outputs) for row in rank_outputs]
 
 
 def score(task: TaskSpec, examples: datasets.Dataset, features: datasets.Dataset, logits: list[np.ndarray],

@@ -84,7 +84,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         logits = self.qa_outputs(sequence_output)
         loss = None
         if start_positions is not None and end_positions is not None:
-            start_logits, end_logits = logits.float().unbind(dim=-1)
+            start_logits, end_logits = answer_logits(logits, attention_mask)
             loss = (F.cross_entropy(start_logits, start_positions) + F.cross_entropy(end_logits, end_positions)) / 2
         return HeadOutput(loss, logits)
 
@@ -97,6 +97,18 @@ class BertForQuestionAnswering(BertPreTrainedModel):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         save_with_head_config(self, folder)
+
+
+def answer_logits(logits: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 start and end logits [B, T] with padding positions at -inf: an answer never starts or ends on padding, and
+    padding takes no share of the softmax. Without this the loss depends on the kernel path: padded, a padding
+    position's logit comes from its (unused) hidden state; unpadded, that hidden state is zero and the logit is the
+    ``qa_outputs`` bias."""
+    start_logits, end_logits = logits.float().unbind(dim=-1)
+    if attention_mask is None:
+        return start_logits, end_logits
+    padding = attention_mask == 0
+    return start_logits.masked_fill(padding, float("-inf")), end_logits.masked_fill(padding, float("-inf"))
 
 
 def save_with_head_config(model: BertForSequenceClassification | BertForQuestionAnswering,

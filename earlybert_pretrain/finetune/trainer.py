@@ -235,7 +235,8 @@ class EpochEvaluation(StageHook):
         epoch = math.ceil(step / self.steps_per_epoch)
         scores = {split: score(self.task, split_set.examples, split_set.features,
                                predict(stage.module, split_set.features, self.task, self.runtime.device,
-                                       self.config.eval_batch_size, self.pad_id), self.squad)
+                                       self.config.eval_batch_size, self.pad_id, self.runtime.precision),
+                               self.squad)
                   for split, split_set in self.eval_sets.items()}
         self.history.append({"epoch": epoch, "step": step, "scores": scores})
         for split, values in scores.items():

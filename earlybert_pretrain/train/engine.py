@@ -14,6 +14,7 @@ Checkpoints are in ``checkpoint.py``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import typing
@@ -47,6 +48,14 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError("engine.precision=bf16: this GPU has no bf16 (e.g. V100); use engine.precision=fp16")
     return requested
+
+
+def evaluation_autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The training precision's autocast for work outside the engine (evaluation): bf16/fp16 matmuls over fp32
+    parameters, as in training; nothing for fp32."""
+    if precision not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=getattr(torch, AUTOCAST_DTYPES[precision]))
 
 
 def deepspeed_config(global_batch_size: int, micro_batch_size: int, world_size: int, precision: str,
