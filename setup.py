@@ -36,6 +36,7 @@ setup(
             "earlybert-pretrain=earlybert_pretrain.pretrain.cli:main",
             "earlybert-ticket=earlybert_pretrain.tickets.cli:main",
             "earlybert-finetune=earlybert_pretrain.finetune.cli:main",
+            "earlybert-downstream=earlybert_pretrain.finetune.downstream_cli:main",
             "earlybert-prep=data_prep.cli:main",
         ]
     },
