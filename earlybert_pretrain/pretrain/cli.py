@@ -2,6 +2,7 @@
 
     earlybert-pretrain --config configs/pretrain_bert_base.yaml [key=value ...] [--resume] [--overwrite]
         [--compare-to RUN_DIR ...] [--match-time EARLYBERT_RUN_DIR | --match-flops EARLYBERT_RUN_DIR]
+    earlybert-pretrain --config configs/pretrain_bert_base.yaml --dry-run --world-size 64 --gpu V100-32GB
 
 ``mode=reduced`` (BERT-Reduced, paper Appendix A) trains dense BERT for the steps that match a finished EarlyBERT
 run's time (``--match-time``, the per-step times from the dense ``--compare-to`` run) or FLOPs (``--match-flops``).
@@ -10,12 +11,14 @@ run's time (``--match-time``, the per-step times from the dense ``--compare-to``
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from earlybert_pretrain.common.oserrors import user_filesystem_errors
 from earlybert_pretrain.config import PretrainConfig, load_config
-from earlybert_pretrain.errors import UserError
+from earlybert_pretrain.errors import ConfigError, UserError
+from earlybert_pretrain.pretrain import dry_run
 from earlybert_pretrain.pretrain.recipe import pretrain
 from earlybert_pretrain.train.distributed import leaving_process_group
 
@@ -34,6 +37,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="mode=reduced: as many dense steps as this EarlyBERT run's Sec. 4.1 time")
     match.add_argument("--match-flops", type=Path, metavar="RUN_DIR",
                        help="mode=reduced: as many dense steps as this EarlyBERT run's training FLOPs")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (accumulation, steps, FLOPs, memory per GPU) and exit; creates nothing")
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                        help="--dry-run: the number of GPUs in all (default: $WORLD_SIZE or 1)")
+    parser.add_argument("--gpu", default="V100-16GB", help="--dry-run: the GPU to check the memory against, one of "
+                        "V100-16GB, V100-32GB, A100-40GB, A100-80GB, H100-80GB, H200 (default V100-16GB)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # DeepSpeed's launcher
     return parser.parse_intermixed_args(argv)
 
@@ -42,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
+        if args.dry_run:
+            if args.world_size < 1:
+                raise ConfigError(f"--world-size: expected >= 1, got {args.world_size}")
+            print(dry_run.report(cfg, args.world_size, args.gpu)[0])
+            return 0
         with leaving_process_group(), user_filesystem_errors(cfg.output_dir):
             pretrain(cfg, resume=args.resume, overwrite=args.overwrite, compare_to=args.compare_to,
                      match_time=args.match_time, match_flops=args.match_flops)
