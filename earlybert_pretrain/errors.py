@@ -30,3 +30,8 @@ class DataError(UserError):
 
 class ModelFolderError(UserError):
     """An HF-format model folder: missing config or weights, shapes that do not match."""
+
+
+class LostRankError(RuntimeError):
+    """Another rank of a multi-rank run died, stalled, or failed with a bug of its own: this rank stops with one line
+    naming it (the CLIs print it, exit 1); the run resumes with --resume."""

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from earlybert_pretrain.common.oserrors import user_filesystem_errors
 from earlybert_pretrain.config import PretrainConfig, load_config
-from earlybert_pretrain.errors import UserError
+from earlybert_pretrain.errors import LostRankError, UserError
 from earlybert_pretrain.pretrain.recipe import pretrain
-from earlybert_pretrain.train.distributed import leaving_process_group
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(PretrainConfig, args.config, args.overrides)
-        with leaving_process_group(), user_filesystem_errors(cfg.output_dir):
+        with user_filesystem_errors(cfg.output_dir):  # pretrain() owns its process group (made and ended there)
             pretrain(cfg, resume=args.resume, overwrite=args.overwrite, compare_to=args.compare_to,
                      match_time=args.match_time, match_flops=args.match_flops)
-    except UserError as err:
+    except (UserError, LostRankError) as err:  # a lost rank: one line naming it, exit 1; anything else: traceback
         print(f"earlybert-pretrain: error: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, UserError) else 1
     return 0
