@@ -132,20 +132,23 @@ def init_distributed(collective_timeout_s: float = EngineConfig.collective_timeo
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         device = torch.device("cpu")
     if not (dist.is_available() and dist.is_initialized()):
-        _forget_destroyed_groups()
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   timeout=datetime.timedelta(seconds=collective_timeout_s))
+        timeout = datetime.timedelta(seconds=collective_timeout_s)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        _fresh_deepspeed_groups(timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _forget_destroyed_groups() -> None:
-    """DeepSpeed's handles to a process group someone destroyed with torch's ``destroy_process_group`` (not
-    DeepSpeed's) would make the next engine fail ("Group ... is not registered"): drop them before a new group."""
+def _fresh_deepspeed_groups(timeout: datetime.timedelta) -> None:
+    """DeepSpeed's cached groups for a group just created. Handles left from a group someone destroyed with torch's
+    ``destroy_process_group`` (not DeepSpeed's) would make the next engine fail ("Group ... is not registered"); and
+    DeepSpeed reduces gradients on a clone of the world group it would make with torch's default timeout (30 min
+    for gloo, 10 for NCCL), not ``timeout``: it gets the clone made here."""
     from deepspeed.utils import groups
 
     release = getattr(groups, "_release_process_group_references", None)  # what deepspeed.comm's destroy calls
     if release is not None:  # DeepSpeed >= 0.19
         release(group=None)
+    groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
