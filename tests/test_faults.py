@@ -2,6 +2,8 @@
 (SIGSTOP) mid-run. Every surviving rank ends promptly (or within engine.collective_timeout_s) with one line naming
 the rank at fault, and no traceback."""
 
+import errno
+import fcntl
 import re
 import signal
 import subprocess
@@ -12,6 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 from test_pretrain import free_port, subprocess_env, tiny_recipe
+
+from earlybert_pretrain.common.lock import hold_run_lock
+from earlybert_pretrain.errors import RunError
 
 pytest_plugins = ["data_fixtures"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,3 +140,32 @@ def test_a_start_up_check_failing_on_one_rank_stops_both_through_the_launcher(re
     assert "Traceback" not in output
     assert not out.exists()
     assert waited < 120, waited
+
+
+@pytest.mark.slow
+def test_rank_0_refused_its_run_lock_stops_rank_1_with_rank_0s_line(recipe, ranks, tmp_path):
+    """Another run holds the folder: rank 0 alone takes the lock, so only rank 0 fails its check; rank 1 (which
+    passed all of its own) stops with rank 0's line instead of waiting in a barrier."""
+    out = tmp_path / "run"
+    with hold_run_lock(out, "pre-training run"):
+        run = ranks(["--config", str(recipe), f"output_dir={out}"])
+        codes = [process.wait(timeout=300) for process in run.processes]
+        assert sorted(path.name for path in out.iterdir()) == [".earlybert.lock"]  # the holder's, untouched
+    assert codes == [2, 2], (run.log(0)[-2000:], run.log(1)[-2000:])
+    for rank in (0, 1):
+        assert re.fullmatch(rf"earlybert-pretrain: error: rank 0: {re.escape(str(out))}: another pre-training run is "
+                            rf"using this folder \(pid \d+ on .*", last_line(run.log(rank))), run.log(rank)[-2000:]
+        assert "Traceback" not in run.log(rank)
+
+
+def test_a_file_system_without_locks_is_named_and_the_folder_left_as_found(tmp_path, monkeypatch):
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # what NFS without lockd answers
+    with pytest.raises(RunError, match=r"run/.earlybert.lock: this file system refuses locks \(No locks available; "
+                                       r"e.g. NFS without lockd\): run the lock daemon, mount with -o "
+                                       r"local_lock=flock"):
+        with hold_run_lock(tmp_path / "new" / "run"):
+            pass
+    assert not (tmp_path / "new").exists()
