@@ -169,3 +169,21 @@ def test_a_file_system_without_locks_is_named_and_the_folder_left_as_found(tmp_p
         with hold_run_lock(tmp_path / "new" / "run"):
             pass
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_a_rank_that_never_joins_ends_the_other_after_the_timeout_with_one_line(recipe, tmp_path):
+    """Rank 1 never starts (it failed before joining, or cannot reach rank 0): rank 0 stops in the rendezvous."""
+    env = {**subprocess_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    out = tmp_path / "run"
+    started = time.monotonic()
+    result = subprocess.run([*PROGRAM, "--config", str(recipe), f"output_dir={out}", "engine.collective_timeout_s=5"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    waited = time.monotonic() - started
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert last_line(result.stderr).startswith(
+        "earlybert-pretrain: error: not every rank joined the process group within collective_timeout_s (WORLD_SIZE=2"
+    ), result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr and not out.exists()
+    assert waited < 120, waited

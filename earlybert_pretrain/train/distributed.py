@@ -70,7 +70,15 @@ def _lost_ranks_reported() -> Iterator[None]:
         yield
     except RuntimeError as err:
         how = _peer_failure(err)
-        if how is None or world_size() == 1:
+        if how is None:
+            raise
+        if not initialized():  # the rendezvous: the group was never made
+            raise LostRankError(
+                f"not every rank joined the process group within collective_timeout_s (WORLD_SIZE="
+                f"{os.environ.get('WORLD_SIZE')}, MASTER_ADDR:MASTER_PORT={os.environ.get('MASTER_ADDR')}:"
+                f"{os.environ.get('MASTER_PORT')}): a rank failed before joining (see its log) or cannot reach that "
+                f"address") from None
+        if world_size() == 1:
             raise
         me = rank()
         # Which peer: the only other one of two ranks; gloo's message names an address, not a rank.
@@ -127,7 +135,7 @@ def on_main_rank(compute: Callable[[], T]) -> T:
         error_type, message = value
         raise error_type(message)
     if kind == "failed":
-        raise RuntimeError("rank 0 failed (see its traceback); this rank stops too")
+        raise LostRankError(f"rank 0 failed (its traceback is in its log); rank {rank()} stopped too")
     return value
 
 
