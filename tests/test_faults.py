@@ -16,7 +16,9 @@ import yaml
 from test_pretrain import free_port, subprocess_env, tiny_recipe
 
 from earlybert_pretrain.common.lock import hold_run_lock
-from earlybert_pretrain.errors import RunError
+from earlybert_pretrain.common.oserrors import FileSystemError
+from earlybert_pretrain.errors import DataError, LostRankError, RunError
+from earlybert_pretrain.train import distributed
 
 pytest_plugins = ["data_fixtures"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +189,31 @@ def test_a_rank_that_never_joins_ends_the_other_after_the_timeout_with_one_line(
     ), result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr and not out.exists()
     assert waited < 120, waited
+
+
+@pytest.mark.parametrize("others, mine, expected", [
+    # (what rank 1 reports, what rank 0's block raises, what rank 0 raises)
+    (("user-error", DataError, "/data: not found"), None, (DataError, "rank 1: /data: not found")),
+    (("failed", None, "KeyError: 'x'"), None, (LostRankError, r"rank 1 failed at start-up \(KeyError: 'x'; its "
+                                                               r"traceback is in its log\); rank 0 stopped too")),
+    (("user-error", RunError, "bad lr"), RunError("bad lr"), (RunError, "bad lr")),  # alike: as on one rank
+    (("user-error", RunError, "bad lr"), KeyError("bug"), (KeyError, "bug")),  # this rank's bug keeps its own
+    (None, PermissionError(13, "Permission denied", "/out"), (FileSystemError, "rank 0: /out: Permission denied")),
+])
+def test_agreed_start_up_checks_decide_from_every_ranks_outcome(monkeypatch, others, mine, expected):
+    """Rank 0's view of ``agreed`` with rank 1's outcome given (the collective is the 2-rank tests' business)."""
+    monkeypatch.setattr(distributed, "from_every_rank", lambda outcome: [outcome, others])
+    error_type, message = expected
+    with pytest.raises(error_type, match=message):
+        with distributed.agreed():
+            if mine is not None:
+                raise mine
+
+
+def test_agreed_a_bug_on_rank_1_keeps_its_traceback_there_when_rank_0_failed_too(monkeypatch):
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "from_every_rank",
+                        lambda outcome: [("user-error", DataError, "/data: not found"), outcome])
+    with pytest.raises(KeyError, match="bug"):
+        with distributed.agreed():
+            raise KeyError("bug")

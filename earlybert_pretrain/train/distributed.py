@@ -161,8 +161,8 @@ def agreed() -> Iterator[None]:
     if not failed:
         return
     first = failed[0]
-    if first == rank() and (outcome[0] == "failed" or len(failed) == len(outcomes)):
-        raise failure  # every rank failed alike (a config error), or this rank's bug: its own error, as raised
+    if outcome is not None and (outcome[0] == "failed" or (first == rank() and len(failed) == len(outcomes))):
+        raise failure  # this rank's bug, or every rank failed (a config error) and this is the first: as raised
     kind, error_type, message = outcomes[first]
     if kind == "failed":
         raise LostRankError(f"rank {first} failed at start-up ({message}; its traceback is in its log); rank "
