@@ -96,6 +96,7 @@ def test_a_killed_rank_ends_the_other_at_once_with_one_line_naming_it(recipe, ra
         f"log); rank {survivor} of 2 stopped too. Restart the run with --resume: it continues from its last complete "
         "checkpoint"), log[-3000:]
     assert "Traceback" not in log and "gloo" not in log
+    print(f"survivor stopped {waited:.1f} s after the fault")  # shown with pytest -rP
     assert waited < 60, waited
 
 
@@ -115,6 +116,7 @@ def test_a_stopped_rank_ends_the_other_within_the_collective_timeout(recipe, ran
         "rank 0 of 2 stopped too. Restart the run with --resume: it continues from its last complete checkpoint"
     ), log[-3000:]
     assert "Traceback" not in log
+    print(f"survivor stopped {waited:.1f} s after the fault")  # shown with pytest -rP
     assert timeout_s - 1 < waited < 3 * timeout_s, waited  # DeepSpeed's own default would be 10 minutes
 
 
@@ -141,6 +143,7 @@ def test_a_start_up_check_failing_on_one_rank_stops_both_through_the_launcher(re
     assert re.fullmatch(rf"earlybert-pretrain: error: rank 1: {re.escape(str(empty))}.*", lines[0]), lines
     assert "Traceback" not in output
     assert not out.exists()
+    print(f"the whole command took {waited:.1f} s")  # shown with pytest -rP
     assert waited < 120, waited
 
 
@@ -188,6 +191,7 @@ def test_a_rank_that_never_joins_ends_the_other_after_the_timeout_with_one_line(
         "earlybert-pretrain: error: not every rank joined the process group within collective_timeout_s (WORLD_SIZE=2"
     ), result.stderr[-3000:]
     assert "Traceback" not in result.stdout + result.stderr and not out.exists()
+    print(f"the whole command took {waited:.1f} s")  # shown with pytest -rP
     assert waited < 120, waited
 
 
