@@ -112,6 +112,11 @@ class EngineConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 10
+    # Seconds a collective waits for a rank that stalled before every rank stops with one line naming it (a rank that
+    # dies is noticed at once). Long enough for the longest wait on one rank: rank 0 writing and hashing a BERT-large
+    # checkpoint with LAMB moments (~4 GB) to a busy shared disk, or building the sample plans of full Wikipedia; the
+    # same as torch's gloo default, three times DeepSpeed's 10 minutes.
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass

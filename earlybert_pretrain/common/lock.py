@@ -26,6 +26,7 @@ from pathlib import Path
 from earlybert_pretrain.errors import RunError
 
 LOCK_FILE = ".earlybert.lock"
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # a file system without locking (NFS without lockd)
 
 
 def _holder(handle) -> str:
@@ -41,12 +42,19 @@ def _holder(handle) -> str:
 def _open_locked(lock_path: Path, what: str):
     """Open ``lock_path`` and lock it exclusively; the open handle, or RunError naming the holder."""
     while True:
+        existed = lock_path.exists()
         handle = open(lock_path, "a+", encoding="utf-8")  # a+: never truncate what a holder wrote
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             holder = _holder(handle)
             handle.close()
+            if err.errno in NO_LOCKS:
+                if not existed:  # nobody can hold a lock here: the file just made is ours to remove
+                    lock_path.unlink(missing_ok=True)
+                raise RunError(f"{lock_path}: this file system refuses locks ({err.strerror or err}; e.g. NFS "
+                               "without lockd): run the lock daemon, mount with -o local_lock=flock (locks then hold "
+                               "within one node), or choose an output folder on another file system") from None
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise RunError(f"{lock_path}: cannot lock ({err.strerror or err})") from None
             raise RunError(f"{lock_path.parent}: another {what} is using this folder ({holder}; lock file "
@@ -75,6 +83,9 @@ def hold_run_lock(folder: str | os.PathLike, what: str = "run") -> Iterator[Path
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = _open_locked(lock_path, what)
+    except RunError:
+        _remove_empty(created)
+        raise
     except OSError as err:
         _remove_empty(created)
         raise RunError(f"{lock_path}: cannot create the run lock ({err.strerror or err})") from None

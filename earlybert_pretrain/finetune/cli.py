@@ -19,7 +19,7 @@ import sys
 
 from earlybert_pretrain.common.oserrors import user_filesystem_errors
 from earlybert_pretrain.config import load_config
-from earlybert_pretrain.errors import UserError
+from earlybert_pretrain.errors import LostRankError, UserError
 from earlybert_pretrain.finetune.config import MODES, FinetuneConfig
 from earlybert_pretrain.finetune.tasks import TASKS
 
@@ -56,13 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(FinetuneConfig, args.config, overrides + list(args.overrides))
         # heavy imports (torch, datasets, transformers) after the arguments are checked
         from earlybert_pretrain.finetune.trainer import run
-        from earlybert_pretrain.train.distributed import leaving_process_group
 
-        with leaving_process_group(), user_filesystem_errors(config.output_dir):
+        with user_filesystem_errors(config.output_dir):  # run() owns its process group (made and ended there)
             metrics = run(config, resume=args.resume, overwrite=args.overwrite)
-    except UserError as err:  # anything else is a bug: it keeps its traceback
+    except (UserError, LostRankError) as err:  # a lost rank: exit 1; anything else is a bug: it keeps its traceback
         print(f"earlybert-finetune: error: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, UserError) else 1
     scores = ", ".join(f"{split}: " + ", ".join(f"{name} {value:.2f}" for name, value in values.items())
                        for split, values in metrics["scores"].items())
     print(f"{metrics['task']} {metrics['mode']}: best epoch {metrics['best_epoch']}: {scores}; "

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from earlybert_pretrain.config import Precision, SearchConfig
+from earlybert_pretrain.config import EngineConfig, Precision, SearchConfig
 from earlybert_pretrain.errors import ConfigError
 from earlybert_pretrain.finetune.tasks import TaskSpec
 
@@ -80,6 +80,7 @@ class FinetuneConfig:
     adam_eps: float = 1e-6
     grad_clip: float = 1.0
     precision: Precision = "auto"
+    collective_timeout_s: float = EngineConfig.collective_timeout_s  # a stalled rank stops the run after this
     dense_metrics: str = ""  # metrics.json of a dense run on the same data: adds the time saving
     match_time: str = ""  # mode reduced: an EarlyBERT run (folder or metrics.json) whose time the steps match
     match_flops: str = ""  # mode reduced: an EarlyBERT run whose training FLOPs the steps match

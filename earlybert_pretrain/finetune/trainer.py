@@ -48,7 +48,7 @@ from earlybert_pretrain.tickets.prune import prune
 from earlybert_pretrain.tickets.search import SearchOutcome, SlimmingSearch
 from earlybert_pretrain.tickets.ticket import Ticket
 from earlybert_pretrain.train.checkpoint import check_shared
-from earlybert_pretrain.train.distributed import barrier, on_main_rank
+from earlybert_pretrain.train.distributed import agreed, agreed_context, barrier, leaving_process_group, on_main_rank
 from earlybert_pretrain.train.engine import init_distributed, resolve_precision
 from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageHook, StageResult, StageSettings
 from earlybert_pretrain.train.telemetry import TensorBoardLogger
@@ -382,32 +382,35 @@ def _match_steps(config: FinetuneConfig, task: TaskSpec, model, dense_time: dict
     return match
 
 
+@leaving_process_group()  # a group created here ends here: run() runs again in the same process
 def run(config: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Run the whole fine-tuning; returns what metrics.json holds (written by rank 0). Everything that can be
     checked without training is checked before output_dir is touched."""
-    config.validate()
-    task = get_task(config.task)
-    dense_time = _dense_time(config, task)
-    rank, world_size, device = init_distributed()
-    runtime = Runtime(rank, world_size, device, resolve_precision(config.precision, device))
-    torch.manual_seed(config.seed)
-    layout = FinetuneLayout(Path(config.output_dir))
-    tokenizer = load_tokenizer(config.model_dir)
-    pad_id = tokenizer.pad_token_id
-    model = build_task_model(task.kind, config.model_dir, task.num_labels)
-    _check_model_fits(tokenizer, model, config, task)
-    squad = SquadSettings(resolve_max_seq_length(config, task), config.doc_stride, config.max_query_length,
-                          config.n_best_size, config.max_answer_length)
-    match = _match_steps(config, task, model, dense_time)
-    data, train_features, eval_sets = _prepare_data(config, task, tokenizer, squad)
-    given_ticket = _given_ticket(config, model)
-    if given_ticket is not None:
-        given_ticket.check_fits(model.config)
-    mlm = config.mode == "earlybert" and config.search.objective == "mlm"
-    mlm_inputs = MlmMasking(tokenizer, config.seed, rank, runtime.device) if mlm else None
-    plan = RunPlan(given_ticket, dense_time, match, mlm_inputs)
-    run_folder.check_writable(layout.root)
-    with hold_run_lock(layout.root, "fine-tuning run") if runtime.is_main else contextlib.nullcontext():
+    rank, world_size, device = init_distributed(config.collective_timeout_s)
+    with agreed():  # a check failing on one rank alone stops every rank at once, with that rank's line
+        config.validate()
+        task = get_task(config.task)
+        dense_time = _dense_time(config, task)
+        runtime = Runtime(rank, world_size, device, resolve_precision(config.precision, device))
+        torch.manual_seed(config.seed)
+        layout = FinetuneLayout(Path(config.output_dir))
+        tokenizer = load_tokenizer(config.model_dir)
+        pad_id = tokenizer.pad_token_id
+        model = build_task_model(task.kind, config.model_dir, task.num_labels)
+        _check_model_fits(tokenizer, model, config, task)
+        squad = SquadSettings(resolve_max_seq_length(config, task), config.doc_stride, config.max_query_length,
+                              config.n_best_size, config.max_answer_length)
+        match = _match_steps(config, task, model, dense_time)
+        data, train_features, eval_sets = _prepare_data(config, task, tokenizer, squad)
+        given_ticket = _given_ticket(config, model)
+        if given_ticket is not None:
+            given_ticket.check_fits(model.config)
+        mlm = config.mode == "earlybert" and config.search.objective == "mlm"
+        mlm_inputs = MlmMasking(tokenizer, config.seed, rank, runtime.device) if mlm else None
+        plan = RunPlan(given_ticket, dense_time, match, mlm_inputs)
+        run_folder.check_writable(layout.root)
+    with agreed_context(hold_run_lock(layout.root, "fine-tuning run") if runtime.is_main
+                        else contextlib.nullcontext()):
         def prepare() -> dict:
             run_folder.prepare(layout.root, "fine-tuning", dataclasses.asdict(config), _inputs(config),
                                layout.owned(), resume, overwrite, is_main=True)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 from earlybert_pretrain.common.oserrors import user_filesystem_errors
 from earlybert_pretrain.config import PretrainConfig, load_config
-from earlybert_pretrain.errors import ConfigError, UserError
+from earlybert_pretrain.errors import ConfigError, LostRankError, UserError
 from earlybert_pretrain.pretrain import dry_run
 from earlybert_pretrain.pretrain.recipe import pretrain
-from earlybert_pretrain.train.distributed import leaving_process_group
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--world-size: expected >= 1, got {args.world_size}")
             print(dry_run.report(cfg, args.world_size, args.gpu)[0])
             return 0
-        with leaving_process_group(), user_filesystem_errors(cfg.output_dir):
+        with user_filesystem_errors(cfg.output_dir):  # pretrain() owns its process group (made and ended there)
             pretrain(cfg, resume=args.resume, overwrite=args.overwrite, compare_to=args.compare_to,
                      match_time=args.match_time, match_flops=args.match_flops)
-    except UserError as err:
+    except (UserError, LostRankError) as err:  # a lost rank: one line naming it, exit 1; anything else: traceback
         print(f"earlybert-pretrain: error: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, UserError) else 1
     return 0

@@ -38,7 +38,14 @@ from earlybert_pretrain.tickets.report import render_report, ticket_report
 from earlybert_pretrain.tickets.search import SlimmingSearch
 from earlybert_pretrain.tickets.ticket import Ticket
 from earlybert_pretrain.train.checkpoint import check_shared
-from earlybert_pretrain.train.distributed import barrier, from_every_rank, on_main_rank
+from earlybert_pretrain.train.distributed import (
+    agreed,
+    agreed_context,
+    barrier,
+    from_every_rank,
+    leaving_process_group,
+    on_main_rank,
+)
 from earlybert_pretrain.train.engine import deepspeed_config, init_distributed, resolve_precision
 from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageHook, StageSettings
 from earlybert_pretrain.train.telemetry import TensorBoardLogger
@@ -317,26 +324,28 @@ def reduce_steps(cfg: PretrainConfig, compare_to: list[Path], match_time: Path |
     return dataclasses.replace(cfg, total_steps=match.total_steps), match
 
 
+@leaving_process_group()  # a group created here ends here: pretrain() runs again in the same process
 def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
              compare_to: Path | list[Path] | None = None, match_time: Path | None = None,
              match_flops: Path | None = None) -> dict:
     """The whole recipe as a table of contents: join the ranks, check, prepare the folder, ticket, phases, report."""
     compare_to = [] if compare_to is None else [Path(compare_to)] if isinstance(compare_to, str | Path) else compare_to
-    for other in compare_to:
-        check_comparable(other)
-    rank, world_size, device = init_distributed()
+    rank, world_size, device = init_distributed(cfg.engine.collective_timeout_s)
     # No force=True: a host application's (or pytest's) logging set-up stays as it is.
     logging.basicConfig(stream=sys.stdout, format=f"%(asctime)s [rank {rank}] %(message)s")
     logging.getLogger("earlybert_pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    cfg, match = reduce_steps(cfg, compare_to, match_time, match_flops)
-    validate(cfg, world_size)
-    corpus = ShardedCorpus(cfg.data.shard_dir, "train", verify=cfg.data.verify)  # corrupt shards: before the folder
-    layout = RunLayout(Path(cfg.output_dir))
-    runtime = Runtime(rank, world_size, device, resolve_precision(cfg.engine.precision, device))
-    run_folder.check_writable(layout.root)
+    with agreed():  # a check failing on one rank alone stops every rank at once, with that rank's line
+        for other in compare_to:
+            check_comparable(other)
+        cfg, match = reduce_steps(cfg, compare_to, match_time, match_flops)
+        validate(cfg, world_size)
+        corpus = ShardedCorpus(cfg.data.shard_dir, "train", verify=cfg.data.verify)  # corrupt shards: before folder
+        layout = RunLayout(Path(cfg.output_dir))
+        runtime = Runtime(rank, world_size, device, resolve_precision(cfg.engine.precision, device))
+        run_folder.check_writable(layout.root)
     # One run per folder: rank 0 holds the folder's lock for the run's life (the OS drops it on a crash).
-    with hold_run_lock(layout.root, "pre-training run") if runtime.is_main else contextlib.nullcontext():
-        barrier()
+    with agreed_context(hold_run_lock(layout.root, "pre-training run") if runtime.is_main
+                        else contextlib.nullcontext()):
         progress = prepare_output(cfg, layout, resume, overwrite)
         tensorboard = TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main)
         run = Run(cfg, layout, runtime, tensorboard, progress, corpus)

@@ -7,14 +7,16 @@ are off: at ZeRO 0 they make the parameters and ``.grad`` half precision, so mic
 (measured in benchmarks/accumulation.py), and ``grad_accum_dtype=fp32`` is refused there.
 
 The model and the optimizer know nothing of DeepSpeed; this module wraps them. A second, smaller engine can be built
-later in the same process (re-initialisation with the pruned model): the process group is never destroyed, because
-DeepSpeed keeps a handle to it (../shared/FACTS.md).
+later in the same process (re-initialisation with the pruned model): the process group is not destroyed in between,
+because DeepSpeed keeps a handle to it (../shared/FACTS.md); it ends with the recipe call that created it
+(``distributed.leaving_process_group``).
 Checkpoints are in ``checkpoint.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import typing
@@ -23,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from earlybert_pretrain.config import Precision
+from earlybert_pretrain.config import EngineConfig, Precision
 from earlybert_pretrain.errors import ConfigError
 from earlybert_pretrain.train.zero_lamb import make_lamb_exact_under_zero
 
@@ -108,13 +110,19 @@ def _precision_sections(precision: str) -> dict:
     return {"fp16": {"enabled": False}, "bf16": {"enabled": False}, "torch_autocast": autocast}
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+def init_distributed(collective_timeout_s: float = EngineConfig.collective_timeout_s) -> tuple[int, int, torch.device]:
     """Join (or, for a lone process without a launcher, create) the process group; returns (rank, world, device).
 
     A lone ``python -m ...`` gets the environment DeepSpeed would otherwise look for in mpi4py. On the CPU, DeepSpeed's
     shared-memory all-reduce op (inference only) would be JIT-compiled on first use (~60 s): it is switched off.
+    ``collective_timeout_s`` bounds every collective and the rendezvous of a group created here, so a rank that
+    stalls stops the others after that long; a group the caller made keeps its own. Whoever calls this owns the
+    group's end: ``distributed.leaving_process_group``.
     """
     import deepspeed
+
+    if collective_timeout_s <= 0:
+        raise ConfigError(f"collective_timeout_s: expected seconds > 0, got {collective_timeout_s}")
 
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         import socket
@@ -133,8 +141,23 @@ def init_distributed() -> tuple[int, int, torch.device]:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         device = torch.device("cpu")
     if not (dist.is_available() and dist.is_initialized()):
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        timeout = datetime.timedelta(seconds=collective_timeout_s)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        _fresh_deepspeed_groups(timeout)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _fresh_deepspeed_groups(timeout: datetime.timedelta) -> None:
+    """DeepSpeed's cached groups for a group just created. Handles left from a group someone destroyed with torch's
+    ``destroy_process_group`` (not DeepSpeed's) would make the next engine fail ("Group ... is not registered"); and
+    DeepSpeed reduces gradients on a clone of the world group it would make with torch's default timeout (30 min
+    for gloo, 10 for NCCL), not ``timeout``: it gets the clone made here."""
+    from deepspeed.utils import groups
+
+    release = getattr(groups, "_release_process_group_references", None)  # what deepspeed.comm's destroy calls
+    if release is not None:  # DeepSpeed >= 0.19
+        release(group=None)
+    groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
