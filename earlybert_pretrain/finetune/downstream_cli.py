@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from earlybert_pretrain.common.oserrors import user_filesystem_errors
-from earlybert_pretrain.errors import ConfigError, UserError
+from earlybert_pretrain.errors import ConfigError, LostRankError, UserError
 from earlybert_pretrain.finetune.table import build_table, parse_rows, present_tasks, write_table
 
 
@@ -47,14 +47,12 @@ def main(argv: list[str] | None = None) -> int:
             among = f" for {', '.join(wanted)}" if wanted else ""
             raise ConfigError(f"--data-dir: {args.data_dir} holds no task folder with a training file{among} (e.g. "
                               "SST-2/train.tsv, SQuAD/train-v1.1.json)")
-        from earlybert_pretrain.train.distributed import leaving_process_group
-
-        with leaving_process_group(), user_filesystem_errors(args.output_dir):
+        with user_filesystem_errors(args.output_dir):  # each fine-tuning run owns its process group
             table = build_table(rows, tasks, Path(args.output_dir), list(args.overrides), args.config)
             text = write_table(table, Path(args.output_dir))
-    except UserError as err:
+    except (UserError, LostRankError) as err:  # a lost rank: one line naming it, exit 1
         print(f"earlybert-downstream: error: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, UserError) else 1
     print(text)
     print(f"table in {args.output_dir}/table.txt and table.json")
     return 0
