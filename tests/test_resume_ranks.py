@@ -17,18 +17,32 @@ from test_pretrain import run_cli, tiny_recipe
 from earlybert_pretrain.common.files import sha256_file
 
 pytest_plugins = ["data_fixtures"]
-WORKER = Path(__file__).with_name("rng_ranks.py")
+WORKER = Path(__file__).with_name("checkpoint_ranks.py")
+
+
+def run_worker(mode: str, tmp_path: Path):
+    out = tmp_path / "result.json"
+    codes, log = launch([mode, str(out), str(tmp_path / "checkpoints")], timeout=300, program=(str(WORKER),))
+    assert codes == [0, 0], log[-3000:]
+    return json.loads(out.read_text())
 
 
 @pytest.mark.slow
 def test_every_rank_resumes_with_its_own_generators(tmp_path):
-    out = tmp_path / "draws.json"
-    codes, log = launch([str(out), str(tmp_path / "checkpoints")], timeout=300, program=(str(WORKER),))
-    assert codes == [0, 0], log[-3000:]
-    by_rank = json.loads(out.read_text())
+    by_rank = run_worker("rng", tmp_path)
     assert by_rank[0]["expected"] != by_rank[1]["expected"]  # the ranks' generators differ
     for rank, draws in enumerate(by_rank):
         assert draws["got"] == draws["expected"], f"rank {rank} did not get its own RNG state back"
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_one_rank_mid_save_fails_on_every_rank_and_keeps_the_previous_checkpoint(tmp_path):
+    result = run_worker("full-disk", tmp_path)
+    tag = tmp_path / "checkpoints" / "phase1-step000002"
+    expected = (f"{tag}: No space left on device while saving this checkpoint; removed it, the last complete "
+                "checkpoint phase1-step000001 is kept: free space and resume with --resume")
+    assert result == {"raised_by_rank": [expected, expected], "tags": ["phase1-step000001"],
+                      "resumed_step": 1}
 
 
 @pytest.fixture(scope="module")
