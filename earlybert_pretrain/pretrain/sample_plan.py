@@ -11,9 +11,10 @@ ranks of a node share one copy in the page cache:
 
 Global rank 0 builds (the run folder is on a disk every rank sees, ``train.checkpoint.check_shared``); the other
 ranks wait for it and map the file. A cache is used only when its sidecar names this corpus (manifest sha256 and
-split) and key, its ``.npy`` header and size agree with the sidecar's shape and int32, and (checked by rank 0 before
-every use, ~1 s per 0.5 GB) its bytes have the sidecar's sha256; anything else (another corpus, a truncated, changed
-or foreign file, a missing sidecar) is rebuilt, never trusted.
+split) and key, its ``.npy`` header and size agree with the sidecar's shape and int32, and its bytes have the
+sidecar's sha256 (hashed by rank 0 once per process and plan: 122 MB/s measured on a loaded 2-core machine, ~4 s for
+Wikipedia's 0.45 GB); anything else (another corpus, a truncated, changed or foreign file, a missing sidecar) is
+rebuilt, never trusted.
 """
 
 from __future__ import annotations
