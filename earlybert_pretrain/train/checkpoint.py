@@ -276,7 +276,7 @@ def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | Non
     The tag named by ``latest`` comes first; when its files are missing, truncated, changed (sha256) or fail to load,
     the previous complete tag is tried, with a warning that names the tag and the file. None when there is no
     checkpoint to try; an error when every one was tried and failed while loading, as the engine may then hold part
-    of one.
+    of one. Refused at once (RunError): checkpoints written by another world size, a file that would run code.
     """
     ckpt_dir = Path(ckpt_dir)
     _check_world_size(ckpt_dir)
