@@ -1,6 +1,8 @@
 """common/run_folder.py: what --resume and --overwrite may do to an output folder, file by file."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +73,26 @@ def test_another_kind_of_run_and_a_file_in_place_of_the_folder_are_refused(tmp_p
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunError, match=r"file: is a file, expected a folder"):
         start(tmp_path / "file" / "run")
+
+
+def test_a_run_moved_with_cp_a_resumes_under_its_new_name(tmp_path, monkeypatch):
+    """The config names the folder (output_dir) and files inside it; neither counts as a change once moved."""
+    def config(root, shards="/data/shards"):
+        return {"output_dir": str(root), "ticket": str(root / "ticket.json"), "data": {"shard_dir": shards},
+                "optimizer": {"name": "lamb"}}
+
+    old, new = tmp_path / "a" / "run", tmp_path / "b" / "moved"
+    prepare(old, "pre-training", config(old), {"vocab": "a"}, OWNED, resume=False, overwrite=False, is_main=True)
+    shutil.copytree(old, new, symlinks=True)  # cp -a
+    with pytest.raises(RunError, match=r"different config \(data.shard_dir differ"):  # a real change still counts
+        prepare(new, "pre-training", config(new, "/data/other"), {"vocab": "a"}, OWNED, resume=True, overwrite=False,
+                is_main=True)
+    assert prepare(new, "pre-training", config(new), {"vocab": "a"}, OWNED, resume=True, overwrite=False,
+                   is_main=True) is True
+    record = json.loads((new / "run.json").read_text())
+    assert record["config"]["output_dir"] == str(new) and record["location"] == str(new)
+
+    shutil.copytree(new, tmp_path / "c" / "again", symlinks=True)  # relative names, from another working directory
+    monkeypatch.chdir(tmp_path / "c")
+    assert prepare(Path("again"), "pre-training", {**config(Path("again")), "output_dir": "again"}, {"vocab": "a"},
+                   OWNED, resume=True, overwrite=False, is_main=True) is True

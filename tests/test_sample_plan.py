@@ -216,3 +216,23 @@ def test_a_killed_builds_temp_file_is_swept_and_a_live_ones_kept(corpus, tmp_pat
         temp.write_bytes(b"half a plan")
     cached_sample_plan(corpus, *SETTING, tmp_path)
     assert not dead.exists() and live.exists()
+
+
+def test_bytes_flipped_inside_a_cached_plan_are_caught_by_its_sha256_and_the_plan_rebuilt(corpus, tmp_path, builds,
+                                                                                         caplog) -> None:
+    """A killed run's plan whose bytes changed in place (header and size intact) is not used on --resume."""
+    expected = build_sample_plan(corpus, *SETTING)
+    cached_sample_plan(corpus, *SETTING, tmp_path)
+    npy, sidecar = plan_paths(tmp_path, *SETTING)
+    size = npy.stat().st_size
+    with open(npy, "r+b") as handle:  # a document index in the middle of the data: a plausible, wrong plan
+        handle.seek(size // 2 - size // 2 % 16)
+        handle.write(np.int32(7).tobytes())
+    assert npy.stat().st_size == size and not np.array_equal(np.load(npy), expected)
+    with caplog.at_level("WARNING", logger="earlybert_pretrain.pretrain.sample_plan"):
+        rebuilt = cached_sample_plan(corpus, *SETTING, tmp_path)
+    assert len(builds) == 2 and np.array_equal(rebuilt, expected) and np.array_equal(np.load(npy), expected)
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == [f"sample plan {npy}: its bytes do not match the sha256 in {sidecar.name} (changed after it "
+                        "was built); rebuilding it"]
+    assert json.loads(sidecar.read_text())["sha256"] == hashlib.sha256(npy.read_bytes()).hexdigest()

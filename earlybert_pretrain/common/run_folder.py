@@ -5,6 +5,9 @@ what a run of this program wrote. Both recipes (pre-training, fine-tuning) use i
 (ticket, shards, vocab, model) and argv. A folder holding other files is never a run and is never deleted:
 ``--overwrite`` removes exactly the entries the recipe's layout names (``owned``), nothing else, so a user's notes
 or data placed beside a run survive.
+
+``run.json`` also records where the folder was (``location``, ``cwd``): --resume compares the configs with the
+folder's own location taken out, so a run moved or copied elsewhere (``cp -a``) resumes under its new name.
 """
 
 from __future__ import annotations
@@ -30,6 +33,21 @@ def flatten(values: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _located(config: dict, root: str, cwd: str) -> dict:
+    """``config`` flattened, with each path to the run folder or into it (output_dir, a file kept in the run) written
+    relative to the folder: what a run's config says apart from where the run lives. A relative path counts from
+    ``cwd``; a bare name counts only when it is the folder itself (``lamb`` is not a file of a run kept in the cwd)."""
+    located = {}
+    for key, value in flatten(config).items():
+        if isinstance(value, str) and value:
+            path = os.path.normpath(os.path.join(cwd, value))
+            inside = path.startswith(root + os.sep) and os.sep in value
+            if path == root or inside:
+                value = os.path.join("<run folder>", os.path.relpath(path, root))
+        located[key] = value
+    return located
 
 
 def _differences(previous: dict, current: dict) -> list[str]:
@@ -75,7 +93,9 @@ def prepare(folder: Path, kind: str, config: dict, inputs: dict[str, str], owned
                     else:
                         path.unlink(missing_ok=True)
         elif resume:
-            changed = _differences(previous.get("config", {}), config)
+            here = (os.path.abspath(folder), os.getcwd())
+            there = (previous.get("location", here[0]), previous.get("cwd", here[1]))  # older records: unmoved
+            changed = _differences(_located(previous.get("config", {}), *there), _located(config, *here))
             if changed:
                 raise RunError(f"{folder} holds a run with a different config ({', '.join(changed)} differ); resume "
                                f"it with its own config or pass --overwrite to start over")
@@ -88,5 +108,6 @@ def prepare(folder: Path, kind: str, config: dict, inputs: dict[str, str], owned
             raise RunError(f"{folder} holds another {kind} run; pass --resume to continue it or --overwrite to "
                            f"replace it")
     if is_main:
-        atomic_write_json(run_file, {"kind": kind, "config": config, "inputs": inputs, "argv": sys.argv})
+        atomic_write_json(run_file, {"kind": kind, "config": config, "inputs": inputs, "argv": sys.argv,
+                                     "location": os.path.abspath(folder), "cwd": os.getcwd()})
     return resuming

@@ -4,6 +4,11 @@ Layout under ``ckpt_dir``: one folder per tag (``phase1-step000120``) written by
 marker (each file's size and sha256, stage, step, a save sequence number) written once every rank has finished, then
 the ``latest`` file (DeepSpeed's name and format: the tag). A tag without its marker is a crashed save and is ignored;
 a tag whose files no longer match their marker (missing, truncated, flipped bytes) is skipped for the previous one.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` and the few DeepSpeed classes they hold (``SafeFiles``):
+a file that would run code on loading is refused, not executed. A full disk while saving removes the half-written tag
+and names the last complete one, which stays. The marker records the world size: a checkpoint resumes only on as many
+ranks as wrote it (each rank's samples, dropout stream and ZeRO partition depend on it).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import secrets
@@ -22,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from earlybert_pretrain.common.files import atomic_write_json, atomic_write_text, sha256_file
-from earlybert_pretrain.errors import ConfigError, RunError
+from earlybert_pretrain.common.oserrors import USER_ERRNOS, FileSystemError
+from earlybert_pretrain.errors import ConfigError, RunError, UserError
 from earlybert_pretrain.train.distributed import barrier, from_every_rank, rank, world_size
 
 logger = logging.getLogger(__name__)
@@ -33,20 +40,90 @@ CLIENT_STATE_KEY = "earlybert_client_state"  # our client state sits under one k
 TAG_PATTERN = re.compile(r"^(?P<stage>[A-Za-z0-9_]+)-step(?P<step>\d+)$")
 
 
-def capture_rng_state() -> dict:
-    """Python, NumPy, torch CPU and (when present) every CUDA device's RNG state."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def _local_rng_state() -> dict:
+    """This process's generators in types ``torch.load(weights_only=True)`` reads (NumPy's key as a list)."""
+    name, key, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, key.tolist(), position, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # this rank's own device, the one its dropout draws from
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
+def capture_rng_state() -> dict:
+    """Every rank's Python, NumPy, torch CPU and CUDA-device RNG state, gathered on every rank (a collective): only
+    rank 0 writes the client state, and each rank must get its own generators back, not rank 0's."""
+    return {"by_rank": from_every_rank(_local_rng_state())}
+
+
 def restore_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    """Put back this rank's own generators, as ``capture_rng_state`` took them on the same world size."""
+    by_rank = state["by_rank"]
+    if len(by_rank) != world_size():
+        raise RunError(f"the RNG state was saved by {len(by_rank)} rank(s), this run has {world_size()}; resume on "
+                       f"{len(by_rank)} rank(s)")
+    local = by_rank[rank()]
+    random.setstate(local["python"])
+    name, key, position, has_gauss, gauss = local["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(local["torch"])
+    if "cuda" in local and torch.cuda.is_available():
+        torch.cuda.set_rng_state(local["cuda"])
+
+
+def _deepspeed_globals() -> list:
+    """The classes DeepSpeed pickles into its checkpoints (ZeRO's stage enum and fragment addresses, the loss
+    scalers): plain records, reconstructed without calling any code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+class SafeFiles:
+    """DeepSpeed's torch checkpoint engine with safe loading and reported write failures.
+
+    ``load`` reads with ``weights_only=True`` (DeepSpeed's own engine passes False, so a crafted pickle would run
+    code); ``save`` writes through a Python file, so a full disk raises ``OSError(ENOSPC)`` instead of torch's
+    "unexpected pos" / "basic_ios::clear", and records the first failure instead of raising it inside DeepSpeed's
+    save, so every rank still reaches DeepSpeed's closing barrier and the ranks agree on the outcome afterwards.
+    """
+
+    def __init__(self, inner) -> None:
+        self.inner, self.failure = inner, None
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def save(self, state_dict, path: str) -> None:
+        if self.failure is not None:  # the save already failed on this rank: write nothing more
+            return
+        try:
+            with open(path, "wb") as handle:
+                torch.save(state_dict, handle, _use_new_zipfile_serialization=self.inner.zipfile_serialization)
+        except OSError as err:
+            self.failure = err
+
+    def load(self, path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(_deepspeed_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"GLOBAL (\S+)", str(err))
+            what = found[1] if found else str(err).splitlines()[0]
+            raise RunError(f"{path}: refused to load: it holds {what}, which a checkpoint of this program never "
+                           "holds and which could run code on loading; remove that checkpoint folder") from None
+
+
+def _safe_files(engine) -> SafeFiles:
+    """The engine's checkpoint engine, wrapped once in ``SafeFiles``."""
+    if not isinstance(engine.checkpoint_engine, SafeFiles):
+        if type(engine.checkpoint_engine).__name__ != "TorchCheckpointEngine":
+            raise RuntimeError(f"checkpoints expect DeepSpeed's TorchCheckpointEngine, the engine has "
+                               f"{type(engine.checkpoint_engine).__name__}")
+        engine.checkpoint_engine = SafeFiles(engine.checkpoint_engine)
+    return engine.checkpoint_engine
 
 
 def checkpoint_tag(stage: str, step: int) -> str:
@@ -118,22 +195,49 @@ def save_checkpoint(engine, ckpt_dir: str | os.PathLike, tag: str, client_state:
     if rank() == 0 and tag_dir.exists():  # a crashed save of the same tag: start clean
         shutil.rmtree(tag_dir)
     barrier()
+    files = _safe_files(engine)
+    files.failure = None
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={CLIENT_STATE_KEY: client_state},
                            save_latest=False)
-    barrier()
-    if rank() == 0:
-        files = _tag_files(tag_dir)
-        sha256 = {str(path.relative_to(tag_dir)): _fsync_and_hash(path) for path in files}
-        previous = complete_checkpoints(ckpt_dir)
-        sequence = previous[-1]["sequence"] + 1 if previous else 1
-        atomic_write_json(tag_dir / COMPLETE_MARKER, {
-            "tag": tag, "stage": match["stage"], "step": int(match["step"]), "sequence": sequence,
-            "files": {str(path.relative_to(tag_dir)): path.stat().st_size for path in files}, "sha256": sha256,
-            "about": about or {}})
-        atomic_write_text(ckpt_dir / LATEST_FILE, tag)
-        _prune_stage(ckpt_dir, match["stage"], keep, tag)
-    barrier()
+    # Every rank learns every rank's outcome (the gathers also keep the ranks in step): files, then marker.
+    failure = next((failure for failure in from_every_rank(files.failure) if failure is not None), None)
+    if failure is None and rank() == 0:
+        try:
+            _complete(ckpt_dir, tag_dir, match, keep, about)
+        except OSError as err:
+            failure = err
+    failure = next((failure for failure in from_every_rank(failure) if failure is not None), None)
+    if failure is not None:
+        _abandon(ckpt_dir, tag_dir, failure)
     return tag_dir
+
+
+def _complete(ckpt_dir: Path, tag_dir: Path, match: re.Match, keep: int, about: dict | None) -> None:
+    """Rank 0, once every rank's files are written: the marker (sizes, sha256, world size), ``latest``, pruning."""
+    files = _tag_files(tag_dir)
+    sha256 = {str(path.relative_to(tag_dir)): _fsync_and_hash(path) for path in files}
+    previous = complete_checkpoints(ckpt_dir)
+    sequence = previous[-1]["sequence"] + 1 if previous else 1
+    atomic_write_json(tag_dir / COMPLETE_MARKER, {
+        "tag": tag_dir.name, "stage": match["stage"], "step": int(match["step"]), "sequence": sequence,
+        "files": {str(path.relative_to(tag_dir)): path.stat().st_size for path in files}, "sha256": sha256,
+        "world_size": world_size(), "about": about or {}})
+    atomic_write_text(ckpt_dir / LATEST_FILE, tag_dir.name)
+    _prune_stage(ckpt_dir, match["stage"], keep, tag_dir.name)
+
+
+def _abandon(ckpt_dir: Path, tag_dir: Path, failure: OSError) -> None:
+    """A save that failed on some rank: rank 0 removes the half-written tag (the earlier ones stay), every rank
+    raises. A full disk, a quota or a permission is the user's to fix: one line naming the tag and what is kept."""
+    if rank() == 0:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    barrier()
+    kept = [marker["tag"] for marker in complete_checkpoints(ckpt_dir)]
+    message = (f"{tag_dir}: {failure.strerror or failure} while saving this checkpoint; removed it, the last complete "
+               f"checkpoint {kept[-1] if kept else '(none)'} is kept: free space and resume with --resume")
+    if failure.errno in USER_ERRNOS:
+        raise FileSystemError(message)
+    raise RuntimeError(message) from failure
 
 
 def _local_problem(tag_dir: Path, marker: dict) -> str | None:
@@ -141,6 +245,8 @@ def _local_problem(tag_dir: Path, marker: dict) -> str | None:
     checksums = marker.get("sha256") or {}
     if set(checksums) != set(marker["files"]):
         return f"{COMPLETE_MARKER} lacks the sha256 of some files (written by an older version)"
+    if "world_size" not in marker:  # and its RNG state is rank 0's alone, in NumPy arrays a safe load refuses
+        return f"{COMPLETE_MARKER} lacks the world size (written by an older version)"
     for name, size in marker["files"].items():
         path = tag_dir / name
         if not path.is_file():
@@ -170,9 +276,11 @@ def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | Non
     The tag named by ``latest`` comes first; when its files are missing, truncated, changed (sha256) or fail to load,
     the previous complete tag is tried, with a warning that names the tag and the file. None when there is no
     checkpoint to try; an error when every one was tried and failed while loading, as the engine may then hold part
-    of one.
+    of one. Refused at once (RunError): checkpoints written by another world size, a file that would run code.
     """
     ckpt_dir = Path(ckpt_dir)
+    _check_world_size(ckpt_dir)
+    _safe_files(engine)
     candidates = complete_checkpoints(ckpt_dir, stage)
     latest_path = ckpt_dir / LATEST_FILE
     latest = latest_path.read_text().strip() if latest_path.is_file() else None
@@ -184,6 +292,8 @@ def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | Non
         if problem is None:
             try:
                 load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, **load_options)
+            except UserError:  # a file that would run code on loading: refused, not skipped
+                raise
             except Exception as err:  # torch.load / DeepSpeed raise many types on a damaged file
                 problem = f"loading failed ({type(err).__name__}: {err})"
                 failed_loads.append(tag)
@@ -204,6 +314,17 @@ def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | Non
                            "the engine may hold part of one; build a fresh engine, or remove the damaged tags")
     return None
 
+
+def _check_world_size(ckpt_dir: Path) -> None:
+    """Refuse a run's checkpoints on another world size (the newest one of any stage decides, so a stage that
+    starts fresh after a restart cannot switch either): each rank's samples, its dropout stream and, under ZeRO, its
+    optimizer partition belong to the world size that wrote them."""
+    saved = next((marker["world_size"] for marker in reversed(complete_checkpoints(ckpt_dir))
+                  if "world_size" in marker), None)
+    if saved is not None and saved != world_size():
+        raise RunError(f"{ckpt_dir}: the run's checkpoints were saved by {saved} rank(s), this run has "
+                       f"{world_size()}; resume it on {saved} rank(s) (the samples, dropout and optimizer partitions "
+                       f"each rank continues are its own), or pass --overwrite to start over")
 
 
 def check_shared(ckpt_dir: Path) -> None:
