@@ -62,6 +62,14 @@ def is_validation(doc_id: str, split_seed: int, fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < fraction
 
 
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through Python's file write: numpy's own (``tofile``) reports a full disk as "N requested and M
+    written" without an errno, which no caller can tell from a bug."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(array))
+        out.write(np.ascontiguousarray(array).data)
+
+
 def _tokenize_chunk(task: tuple[Path, Path, int, float, str]) -> str:
     """Worker task: one sentences chunk -> its tokens (.npy) and meta (.npz)."""
     source, scratch, split_seed, fraction, dtype_name = task
@@ -87,10 +95,8 @@ def _tokenize_chunk(task: tuple[Path, Path, int, float, str]) -> str:
     kept_docs = doc_sentences > 0
     flags = np.array([is_validation(doc_id, split_seed, fraction) for doc_id, _ in docs], dtype=bool)
     base = scratch / source.stem
-    with atomic_path(base.with_suffix(".tokens.npy")) as tmp, open(tmp, "wb") as out:
-        np.save(out, tokens.astype(dtype_name))
-    with atomic_path(base.with_suffix(".lengths.npy")) as tmp, open(tmp, "wb") as out:
-        np.save(out, lengths[keep].astype(np.int32))
+    _save_npy(base.with_suffix(".tokens.npy"), tokens.astype(dtype_name))
+    _save_npy(base.with_suffix(".lengths.npy"), lengths[keep].astype(np.int32))
     with atomic_path(base.with_suffix(".meta.npz")) as tmp, open(tmp, "wb") as out:
         np.savez(out, doc_sentences=doc_sentences[kept_docs], doc_tokens=doc_tokens[kept_docs],
                  doc_validation=flags[kept_docs], max_token_id=np.int64(tokens.max() if len(tokens) else -1))
