@@ -56,7 +56,7 @@ def _json_format(path: str) -> object:
     """The file's "format" field, or None when it is unreadable (the real loader then says what is wrong)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8")).get("format")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 
