@@ -42,7 +42,7 @@ from data_prep.indexed import (
     write_manifest,
 )
 from data_prep.vocab import TOKENIZER_FILE, VOCAB_FILE, read_vocab
-from earlybert_pretrain.common.files import atomic_path, remove_stale_temps, sha256_file
+from earlybert_pretrain.common.files import atomic_path, remove_entry, remove_stale_temps, sha256_file
 
 SCRATCH = "tokenized"
 SPLITS = ("train", "validation")
@@ -250,5 +250,5 @@ def shard_corpus(
     manifest = write_manifest(out_dir, params=params, dtype=dtype, vocab_file=VOCAB_FILE, vocab_size=len(vocab),
                               special_tokens=vocab_manifest["special_tokens"], tokenizer_file=TOKENIZER_FILE,
                               tokenizer=vocab_manifest["tokenizer"], splits=splits, balance=balance)
-    shutil.rmtree(scratch)
+    remove_entry(scratch)  # a linked scratch folder: the link, never what it points to
     return manifest

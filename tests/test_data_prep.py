@@ -536,3 +536,17 @@ def test_vocab_is_byte_identical_across_processes_and_thread_counts(wiki_build, 
                            capture_output=True, timeout=600)
             digests.add(_sha256(out / "vocab.txt"))
         assert len(digests) == 1, (size, digests)
+
+
+def test_a_linked_scratch_folder_is_unlinked_never_emptied_through_the_link(wiki_build, tmp_path) -> None:
+    """tokenized/ placed on another disk and linked: the stage works through it, then removes the link only."""
+    out, elsewhere = tmp_path / "shards", tmp_path / "disk2" / "tokenized"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "notes.txt").write_text("mine")
+    out.mkdir()
+    (out / "tokenized").symlink_to(elsewhere)
+    manifest = shard_corpus(wiki_build.sentences, wiki_build.vocab, out, num_shards=wiki_build.num_shards,
+                            validation_fraction=wiki_build.validation_fraction)
+    reference = json.loads((wiki_build.shards / "manifest.json").read_text())
+    assert manifest["splits"] == reference["splits"]
+    assert not (out / "tokenized").is_symlink() and (elsewhere / "notes.txt").read_text() == "mine"
