@@ -226,11 +226,11 @@ def _check_output(source: Path, out_dir: str | os.PathLike, fmt: str, overwrite:
         return out_dir
     if not overwrite:
         raise ModelFolderError(f"{out_dir}: already exists and is not empty; pass --overwrite to replace it")
-    foreign = sorted(path.name for path in out_dir.iterdir()
-                     if path.name not in EXPORT_FILES or path.is_symlink() or not path.is_file()) if (
-        out_dir.is_dir()) else [out_dir.name]
+    entries = list(out_dir.iterdir()) if out_dir.is_dir() else []
+    foreign = sorted(path.name for path in entries
+                     if path.name not in EXPORT_FILES or path.is_symlink() or not path.is_file())
     if foreign or not (out_dir / CONFIG_NAME).is_file():
-        listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "") or f"no {CONFIG_NAME}"
+        listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "") if foreign else f"no {CONFIG_NAME}"
         raise ModelFolderError(f"{out_dir}: not a folder this command wrote ({listed}); --overwrite replaces only an "
                                f"export, choose another output folder (nothing was removed)")
     return out_dir
