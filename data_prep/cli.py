@@ -16,6 +16,7 @@ from pathlib import Path
 from data_prep.common import PrepError
 from earlybert_pretrain.common.lock import hold_run_lock
 from earlybert_pretrain.common.oserrors import user_filesystem_errors
+from earlybert_pretrain.common.run_folder import check_no_symlink_loop
 from earlybert_pretrain.errors import UserError
 
 DUMP_SUFFIXES = (".xml.bz2", ".xml")
@@ -170,6 +171,7 @@ def run_locked(args: argparse.Namespace) -> Path:
     output = Path(args.output)
     folders = [output, *(output / name for name in ALL_STAGE_FOLDERS)] if args.command == "all" else [output]
     with user_filesystem_errors(output), contextlib.ExitStack() as locks:
+        check_no_symlink_loop(output)
         for folder in folders:
             locks.enter_context(hold_run_lock(folder, f"earlybert-prep {args.command}"))
         return run(args)

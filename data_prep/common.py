@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import shutil
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from earlybert_pretrain.common.files import atomic_write_json, read_json, remove_stale_temps
+from earlybert_pretrain.common.files import atomic_write_json, read_json, remove_entry, remove_stale_temps
 from earlybert_pretrain.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -59,7 +58,7 @@ def begin_stage(directory: Path, params: dict[str, Any], outputs: list[str]) -> 
     if read_manifest(directory) is not None or (recorded is not None and recorded != params):
         for pattern in outputs:
             for stale in directory.glob(pattern):
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+                remove_entry(stale)  # a linked folder: the link, never what it points to
     (directory / MANIFEST).unlink(missing_ok=True)
     atomic_write_json(params_file, params)
 

@@ -42,7 +42,7 @@ from data_prep.indexed import (
     write_manifest,
 )
 from data_prep.vocab import TOKENIZER_FILE, VOCAB_FILE, read_vocab
-from earlybert_pretrain.common.files import atomic_path, remove_stale_temps, sha256_file
+from earlybert_pretrain.common.files import atomic_path, remove_entry, remove_stale_temps, sha256_file
 
 SCRATCH = "tokenized"
 SPLITS = ("train", "validation")
@@ -60,6 +60,14 @@ def _init_worker(tokenizer_path: str) -> None:
 def is_validation(doc_id: str, split_seed: int, fraction: float) -> bool:
     digest = hashlib.blake2b(f"{split_seed}:{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through Python's file write: numpy's own (``tofile``) reports a full disk as "N requested and M
+    written" without an errno, which no caller can tell from a bug."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        np.lib.format.write_array_header_1_0(out, np.lib.format.header_data_from_array_1_0(array))
+        out.write(np.ascontiguousarray(array).data)
 
 
 def _tokenize_chunk(task: tuple[Path, Path, int, float, str]) -> str:
@@ -87,10 +95,8 @@ def _tokenize_chunk(task: tuple[Path, Path, int, float, str]) -> str:
     kept_docs = doc_sentences > 0
     flags = np.array([is_validation(doc_id, split_seed, fraction) for doc_id, _ in docs], dtype=bool)
     base = scratch / source.stem
-    with atomic_path(base.with_suffix(".tokens.npy")) as tmp, open(tmp, "wb") as out:
-        np.save(out, tokens.astype(dtype_name))
-    with atomic_path(base.with_suffix(".lengths.npy")) as tmp, open(tmp, "wb") as out:
-        np.save(out, lengths[keep].astype(np.int32))
+    _save_npy(base.with_suffix(".tokens.npy"), tokens.astype(dtype_name))
+    _save_npy(base.with_suffix(".lengths.npy"), lengths[keep].astype(np.int32))
     with atomic_path(base.with_suffix(".meta.npz")) as tmp, open(tmp, "wb") as out:
         np.savez(out, doc_sentences=doc_sentences[kept_docs], doc_tokens=doc_tokens[kept_docs],
                  doc_validation=flags[kept_docs], max_token_id=np.int64(tokens.max() if len(tokens) else -1))
@@ -244,5 +250,5 @@ def shard_corpus(
     manifest = write_manifest(out_dir, params=params, dtype=dtype, vocab_file=VOCAB_FILE, vocab_size=len(vocab),
                               special_tokens=vocab_manifest["special_tokens"], tokenizer_file=TOKENIZER_FILE,
                               tokenizer=vocab_manifest["tokenizer"], splits=splits, balance=balance)
-    shutil.rmtree(scratch)
+    remove_entry(scratch)  # a linked scratch folder: the link, never what it points to
     return manifest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,14 @@ from typing import Any
 from tokenizers import BertWordPieceTokenizer, Tokenizer
 
 from data_prep.common import MANIFEST, PrepError, manifest_digest, require_manifest, stage_done
-from earlybert_pretrain.common.files import atomic_path, atomic_write_json, sha256_file
+from earlybert_pretrain.common.files import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
 from earlybert_pretrain.common.tokens import SPECIAL_TOKENS
 
 STAGE = "vocab"
 VOCAB_FILE = "vocab.txt"
 TOKENIZER_FILE = "tokenizer.json"
+LIMIT_ALPHABET = 1000  # characters kept before the merges (the tokenizers trainer's default)
+WORDPIECE_PREFIX = "##"
 
 
 def read_vocab(path: str | Path) -> list[str]:
@@ -76,12 +79,54 @@ def _adopt(existing: Path, out_dir: Path, lowercase: bool) -> None:
         except PrepError as exc:
             (out_dir / VOCAB_FILE).unlink()
             raise PrepError(str(exc).replace(str(out_dir / VOCAB_FILE), str(existing))) from exc
-        shutil.copyfile(existing, out_dir / TOKENIZER_FILE)
+        with atomic_path(out_dir / TOKENIZER_FILE) as tmp:
+            shutil.copyfile(existing, tmp)
     else:
         read_vocab(existing)
         with atomic_path(out_dir / VOCAB_FILE) as tmp:
             shutil.copyfile(existing, tmp)
         _write_tokenizer_from_vocab(out_dir / VOCAB_FILE, out_dir, lowercase)
+
+
+def _alphabet(sentences_dir: Path, names: list[str], lowercase: bool) -> list[str]:
+    """The ``LIMIT_ALPHABET`` most frequent characters of the normalized text (ties: by code point), as the trainer
+    would keep them but without its hash-ordered tie-break; sorted by code point."""
+    normalizer = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase).normalizer
+    counts: Counter[str] = Counter()
+    for batch in _iter_sentences(sentences_dir, names):
+        counts.update(normalizer.normalize_str("\n".join(batch)))
+    ranked = sorted((c for c in counts if not c.isspace()), key=lambda c: (-counts[c], c))
+    return sorted(ranked[:LIMIT_ALPHABET])
+
+
+def _run_trainer(sentences_dir: Path, names: list[str], sentences: int, vocab_size: int, min_frequency: int,
+                 lowercase: bool, alphabet: list[str], first_tokens: list[str]) -> set[str]:
+    tokenizer = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
+    tokenizer.train_from_iterator(_iter_sentences(sentences_dir, names), vocab_size=vocab_size,
+                                  min_frequency=min_frequency, special_tokens=[*SPECIAL_TOKENS, *first_tokens],
+                                  limit_alphabet=len(alphabet), initial_alphabet=alphabet, show_progress=False,
+                                  length=sentences)
+    return set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS)
+
+
+def _train(sentences_dir: Path, names: list[str], sentences: int, vocab_size: int, min_frequency: int,
+           lowercase: bool) -> set[str]:
+    """The trained WordPiece tokens (special tokens left out), the same set on every run.
+
+    The trainer (tokenizers' BPE trainer under WordPiece) merges the most frequent pair and breaks ties by the pair's
+    token ids; single characters get ids by code point, but the "##c" continuation tokens get theirs in the order a
+    hash map of the words is walked, which is seeded at random per process. Ties between equal pair counts therefore
+    went differently from run to run (RAYON_NUM_THREADS=1 as well: not a threading effect) and so did the tokens that
+    made the cut. Fixed here by giving every id a fixed place before the merges: the alphabet is chosen here (the
+    trainer's own cut of it sorts by count with an unstable tie-break too), and a first pass with no merges lists the
+    "##c" tokens, which the real pass then registers first, in code-point order.
+    """
+    alphabet = _alphabet(sentences_dir, names, lowercase)
+    first_pass = _run_trainer(sentences_dir, names, sentences, 0, min_frequency, lowercase, alphabet, [])
+    continuations = sorted(token for token in first_pass if token.startswith(WORDPIECE_PREFIX)
+                           and len(token) == len(WORDPIECE_PREFIX) + 1)
+    return _run_trainer(sentences_dir, names, sentences, vocab_size, min_frequency, lowercase, alphabet,
+                        continuations)
 
 
 def build_vocab(
@@ -112,23 +157,15 @@ def build_vocab(
     if done := stage_done(out_dir, STAGE, params):
         return done
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # a killed run's temp copies (the output folder's lock is held)
     (out_dir / MANIFEST).unlink(missing_ok=True)
     if existing is not None:
         _adopt(existing, out_dir, lowercase)
     else:
         names = [f["name"] for f in upstream["files"]]
-        tokenizer = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
-        tokenizer.train_from_iterator(
-            _iter_sentences(sentences_dir, names),
-            vocab_size=vocab_size,
-            min_frequency=min_frequency,
-            special_tokens=list(SPECIAL_TOKENS),
-            show_progress=False,
-            length=upstream["stats"]["sentences"],
-        )
+        trained = _train(sentences_dir, names, upstream["stats"]["sentences"], vocab_size, min_frequency, lowercase)
         # The trainer's token order varies between runs (hash-map iteration), so ids would too: write the tokens in
         # one canonical order (special tokens first, then by code point) and build tokenizer.json from that file.
-        trained = set(tokenizer.get_vocab()) - set(SPECIAL_TOKENS)
         with atomic_path(out_dir / VOCAB_FILE) as tmp:
             tmp.write_text("".join(f"{token}\n" for token in [*SPECIAL_TOKENS, *sorted(trained)]), encoding="utf-8")
         _write_tokenizer_from_vocab(out_dir / VOCAB_FILE, out_dir, lowercase)

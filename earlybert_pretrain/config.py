@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -194,9 +195,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         # YAML 1.1 reads "2e-3" (no dot) as a string; accept any spelling Python's float() accepts.
         if isinstance(value, int | float | str) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
-                pass
+                number = None
+            if number is not None and not math.isfinite(number):  # inf / nan would train to NaN, not fail here
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            if number is not None:
+                return number
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -205,6 +210,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str and not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` checked against the annotation ``tp`` as the loader checks a config field (other records, e.g. a
+    ticket, use it too); ConfigError naming ``where`` and the expected type."""
+    return _coerce(value, tp, where)
 
 
 def _unknown_key(cls: type, key: str, where: str) -> ConfigError:

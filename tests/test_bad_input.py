@@ -32,6 +32,7 @@ from earlybert_pretrain.model.bert import BertConfig
 from earlybert_pretrain.pretrain.cli import main as pretrain_main
 from earlybert_pretrain.tickets.cli import main as ticket_main
 from earlybert_pretrain.tickets.draw import draw_ticket
+from earlybert_pretrain.tickets.ticket import STRUCTURAL_FIELDS
 
 pytest_plugins = ["data_fixtures"]  # the session-wide build of the real dump (inputs of the later stages)
 
@@ -149,6 +150,55 @@ def _corrupt_shards(case: Case) -> Path:
     return shards
 
 
+def _symlink_loop(case: Case, name: str = "loop") -> Path:
+    """``name`` -> ``name.2`` -> ``name``: a folder path no one can create or enter."""
+    (case.root / name).symlink_to(case.root / f"{name}.2")
+    (case.root / f"{name}.2").symlink_to(case.root / name)
+    return case.root / name
+
+
+def _run_with_linked_checkpoints(case: Case) -> list[str]:
+    """A pre-training run folder whose checkpoints/ was moved to another disk and linked back, then --overwrite."""
+    run, elsewhere = case.root / "run", case.root / "disk2" / "checkpoints"
+    case.file("run/run.json", json.dumps({"kind": "pre-training", "config": {}, "inputs": {}}))
+    case.file("run/progress.json", "{}")
+    case.file("disk2/checkpoints/search_step6/complete.json", "{}")
+    (run / "checkpoints").symlink_to(elsewhere)
+    return _pretrain(case, "--overwrite")
+
+
+def _ticket_with(case: Case, edit: Callable[[dict], None]) -> Path:
+    """A valid ticket file edited by ``edit`` and re-digested the way Ticket.digest does (so only the edit is wrong)."""
+    values = json.loads(case.ticket().read_text())
+    edit(values)
+    content = {"heads_kept": values["heads_kept"], "ffn_kept": values["ffn_kept"],
+               "geometry": {name: values["source_geometry"][name] for name in STRUCTURAL_FIELDS}}
+    values["digest"] = hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return case.file("t.json", json.dumps(values))
+
+
+def _export_into_its_run(case: Case) -> list[str]:
+    """`export run/final_model run --overwrite`: the output folder holds the input, with the run's other files."""
+    model = _model_folder(case)
+    run = case.root / "run"
+    run.mkdir()
+    model.rename(run / "final_model")
+    case.file("run/checkpoints/step10.pt", b"weights")
+    case.file("run/notes.txt", "mine")
+    return ["export", str(run / "final_model"), str(run), "--format", "padded", "--overwrite"]
+
+
+def _data_edited_before_resume(case: Case) -> list[str]:
+    """A finished fine-tuning run, then a label of train.jsonl flipped, then --resume."""
+    argv = _finetune(case)
+    assert finetune_main(argv) == 0
+    train = case.root / "train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    rows[0]["label"] = 1 - rows[0]["label"]
+    write_jsonl(train, rows)
+    return argv + ["--resume"]
+
+
 PREP = "earlybert-prep"
 TICKET = "earlybert-ticket"
 PRE = "earlybert-pretrain"
@@ -228,6 +278,8 @@ ROWS = [
         ("{wiki}/sentences/manifest.json",), wiki=True),
     Row(PREP, "shard-input-is-the-vocab", lambda c: _shard(c, sentences=str(c.wiki.vocab)),
         ("{wiki}/vocab/manifest.json",), wiki=True),
+    Row(PREP, "vocab-output-is-a-symlink-loop", lambda c: _vocab(c)[:-1] + [str(_symlink_loop(c))],
+        ("{root}/loop", "symbolic link loop"), wiki=True),
     Row(PREP, "shard-output-under-a-file", lambda c: _shard(c)[:-1] + [str(c.file("f", "x") / "shards")],
         ("{root}/f",), wiki=True),
     # ---- earlybert-prep all (datasets sources)
@@ -279,6 +331,21 @@ ROWS = [
     Row(TICKET, "heatmap-disk-full", lambda c: [
         "heatmap", str(c.ticket("a.json")), str(c.ticket("b.json")), "--output", str(c.root / "h.png")],
         ("{root}/h.png", "No space left"), fault="enospc"),
+    Row(TICKET, "report-geometry-value-a-string", lambda c: [
+        "report", str(_ticket_with(c, lambda t: t["source_geometry"].update(hidden_size="64"))), "--config",
+        str(c.file("m.yaml", "hidden_size: 64\nnum_hidden_layers: 2\nnum_attention_heads: 4\n"
+                             "intermediate_size: 128\n"))],
+        ("{root}/t.json", "source_geometry.hidden_size", "expected an integer")),
+    Row(TICKET, "report-kept-index-not-an-integer", lambda c: [
+        "report", str(_ticket_with(c, lambda t: t["heads_kept"][0].__setitem__(0, 0.5)))],
+        ("{root}/t.json", "heads_kept[0][0]", "expected an integer")),
+    Row(TICKET, "report-deeply-nested-json", lambda c: [
+        "report", str(c.file("t.json", "[" * 100_000 + "]" * 100_000))], ("{root}/t.json", "nested too deeply")),
+    Row(TICKET, "export-into-the-run-folder-holding-the-model", _export_into_its_run,
+        ("{root}/run", "holds the input folder")),
+    Row(TICKET, "export-overwrite-a-folder-it-did-not-write", lambda c: c.file("out/notes.txt", "mine") and [
+        "export", str(_model_folder(c)), str(c.root / "out"), "--format", "padded", "--overwrite"],
+        ("{root}/out", "not a folder this command wrote (notes.txt)")),
     Row(TICKET, "apply-missing-model-folder", lambda c: [
         "apply", str(c.root / "model"), str(c.ticket()), str(c.root / "out"), "--format", "padded"],
         ("{root}/model",)),
@@ -295,6 +362,8 @@ ROWS = [
     _pre("ffn-ratio-above-1", lambda c: _pretrain(c, "search.ffn_ratio=1.5"), "ffn_ratio"),
     _pre("prune-every-head", lambda c: _pretrain(c, "search.heads_to_prune=4"), "heads_to_prune"),
     _pre("lr-0", lambda c: _pretrain(c, "phase1.lr=0"), "phase1: lr must be > 0"),
+    _pre("lr-inf", lambda c: _pretrain(c, "phase1.lr=inf"), "phase1.lr", "finite"),
+    _pre("search-steps-beyond-phase-1", lambda c: _pretrain(c, "search.steps=40"), "search.steps=40", "33 steps"),
     _pre("warmup-1", lambda c: _pretrain(c, "phase2.warmup=1.0"), "phase2", "warmup"),
     _pre("masked-lm-prob", lambda c: _pretrain(c, "data.masked_lm_prob=1.5"), "data.masked_lm_prob"),
     _pre("num-workers-negative", lambda c: _pretrain(c, "data.num_workers=-1"), "data.num_workers"),
@@ -314,6 +383,10 @@ ROWS = [
     _pre("output-is-a-file", lambda c: _pretrain(c, output=c.file("run", "x")), "{root}/run", "is a file"),
     _pre("output-not-a-run-even-with-overwrite", lambda c: c.file("run/notes.txt", "mine") and _pretrain(
         c, "--overwrite"), "{root}/run", "not a pre-training run (notes.txt)"),
+    _pre("output-is-a-symlink-loop", lambda c: _pretrain(c, output=_symlink_loop(c)), "{root}/loop",
+         "symbolic link loop"),
+    _pre("overwrite-a-run-with-linked-checkpoints", _run_with_linked_checkpoints, "{root}/run/checkpoints -> ",
+         "nothing was removed"),
     _pre("compare-to-without-report", lambda c: (c.root / "dense").mkdir() or _pretrain(
         c, "--compare-to", str(c.root / "dense")), "no report.json"),
     _pre("compare-to-report-without-times", lambda c: c.file("dense/report.json", "{}") and _pretrain(
@@ -329,6 +402,7 @@ ROWS = [
     _ft("lr-negative", lambda c: _finetune(c, "lr=-1"), "lr"),
     _ft("dense-metrics-not-metrics", lambda c: _finetune(c, f"dense_metrics={c.file('m.json', '[]')}"),
         "dense_metrics"),
+    _ft("train-file-edited-before-resume", _data_edited_before_resume, "inputs changed", "{root}/train.jsonl"),
     _ft("train-file-not-utf8", lambda c: _finetune(c, f"data.train_file={c.file('bad.jsonl', bytes([255, 254]))}"),
         "{root}/bad.jsonl"),
 ]

@@ -212,10 +212,17 @@ def test_apply_cli_refuses_a_ticket_of_another_geometry_and_a_used_output(pruned
     code = ticket_main(["apply", str(MINILM), str(tmp_path / "ticket.json"), str(out), "--format", "compact"])
     assert code == 2 and "already exists and is not empty; pass --overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # --overwrite replaces only a folder an export wrote: the user's notes stay, and so does the folder.
     code = ticket_main(["apply", str(MINILM), str(tmp_path / "ticket.json"), str(out), "--format", "compact",
                         "--overwrite"])
-    assert code == 0 and read_config(out).heads_per_layer == [3, 4, 5, 6, 7, 8]
-    assert not (out / "notes.txt").exists() and (out / "vocab.txt").is_file()
+    assert code == 2 and "not a folder this command wrote (notes.txt)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    for fmt in ("compact", "padded"):  # an export over an export; the padded one leaves no compact code behind
+        code = ticket_main(["apply", str(MINILM), str(tmp_path / "ticket.json"), str(out), "--format", fmt,
+                            "--overwrite"])
+        assert code == 0 and read_config(out).heads_per_layer == ([3, 4, 5, 6, 7, 8] if fmt == "compact" else [12] * 6)
+    assert (out / "vocab.txt").is_file() and not any((out / name).exists() for name in REMOTE_FILES)
 
 
 def test_export_cli_round_trips_through_our_loader(pruned_folders, tmp_path) -> None:
@@ -258,3 +265,30 @@ def test_slimming_coefficients_are_folded_into_the_export(tmp_path) -> None:
         assert not compact.config.slimming and compact.config.heads_per_layer == [5, 2, 3]
         assert (compact.eval()(ids, torch.zeros_like(ids), mask).prediction_logits - expected).abs().max() <= TOLERANCE
 
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("where", ["the run folder holding the model", "a folder inside the model"])
+def test_export_refuses_an_output_that_holds_or_lies_inside_its_input(pruned_folders, tmp_path, capsys,
+                                                                      where) -> None:
+    """`export run/final_model run --overwrite` once replaced a whole run (checkpoints, ticket, notes) with 4 files."""
+    run = tmp_path / "run"
+    model = run / "final_model"
+    model.mkdir(parents=True)
+    for path in pruned_folders["folders"]["BertModel"]["folder"].iterdir():
+        (model / path.name).write_bytes(path.read_bytes())
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "step10.pt").write_bytes(b"weights")
+    (run / "notes.txt").write_text("mine")
+    out, relation = (run, "holds") if where.startswith("the run") else (model / "export", "lies inside")
+    pruned_folders["ticket"].save(tmp_path / "ticket.json")
+    before = _tree(tmp_path)
+    for command in (["export", str(model)], ["apply", str(model), str(tmp_path / "ticket.json")]):
+        code = ticket_main([*command, str(out), "--format", "padded", "--overwrite"])
+        error = capsys.readouterr().err.strip()
+        assert code == 2 and len(error.splitlines()) == 1, error
+        assert f"{out}: the output folder {relation} the input folder {model}" in error
+        assert _tree(tmp_path) == before

@@ -1,8 +1,11 @@
-"""common/files.py: atomic writes keep the umask's permissions, leave nothing half-written, sweep stale temps."""
+"""common/files.py: atomic writes keep the umask's permissions, leave nothing half-written, sweep stale temps; every
+removal (run_folder's --overwrite too) stays inside the folder and never leaves half a run."""
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
 
 import pytest
@@ -16,10 +19,12 @@ from earlybert_pretrain.common.files import (
     atomic_write_text,
     file_digest,
     read_json,
+    remove_entry,
     remove_stale_temps,
     sha256_file,
 )
-from earlybert_pretrain.errors import TicketError, UserError
+from earlybert_pretrain.common.run_folder import prepare
+from earlybert_pretrain.errors import RunError, TicketError, UserError
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.model.hf import save_pretrained
 
@@ -113,3 +118,84 @@ def test_file_digest_matches_hashlib(tmp_path):
     assert sha256_file(path) == hashlib.sha256(payload).hexdigest()
     assert file_digest(path, "md5") == hashlib.md5(payload).hexdigest()
     assert file_digest(path, "sha1", block=7) == hashlib.sha1(payload).hexdigest()
+
+
+def test_remove_entry_removes_a_link_never_what_it_points_to(tmp_path):
+    target = tmp_path / "other_disk" / "checkpoints"
+    target.mkdir(parents=True)
+    (target / "step10.pt").write_bytes(b"weights")
+    (tmp_path / "linked").symlink_to(target)
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_text("x")
+    for name in ("linked", "tree", "missing"):
+        remove_entry(tmp_path / name)
+    assert sorted(os.listdir(tmp_path)) == ["other_disk"] and (target / "step10.pt").read_bytes() == b"weights"
+
+
+def test_a_failed_write_names_its_target(tmp_path, monkeypatch):
+    """A full disk on write (no file name from the OS) is reported with the file being written, and no temp stays."""
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as caught:
+        atomic_write_text(tmp_path / "out.txt", "x")
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "out.txt")
+    assert os.listdir(tmp_path) == []
+
+
+def test_read_json_refuses_deep_nesting_in_one_line(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(TicketError, match=r"deep.json: JSON nested too deeply"):
+        read_json(deep, "ticket", TicketError)
+
+
+OWNED = ["run.json", "progress.json", "checkpoints", "final_model"]
+
+
+def _run_folder(folder, linked_checkpoints=None):
+    """A finished run's folder: run.json, progress.json, final_model/, checkpoints/ (or a link to elsewhere)."""
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({"kind": "pre-training", "config": {}, "inputs": {}}))
+    (folder / "progress.json").write_text("{}")
+    (folder / "final_model").mkdir()
+    (folder / "final_model" / "config.json").write_text("{}")
+    if linked_checkpoints is None:
+        (folder / "checkpoints").mkdir()
+    else:
+        linked_checkpoints.mkdir(parents=True)
+        (linked_checkpoints / "step10").write_bytes(b"weights")
+        (folder / "checkpoints").symlink_to(linked_checkpoints)
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_overwrite_refuses_a_linked_entry_before_removing_anything(tmp_path):
+    """checkpoints/ moved to another disk and linked: --overwrite neither deletes there nor half-removes the run."""
+    _run_folder(tmp_path / "run", linked_checkpoints=tmp_path / "disk2" / "ckpt")
+    before = _files(tmp_path)
+    with pytest.raises(RunError, match=r"run/checkpoints -> .*disk2/ckpt.*nothing was removed"):
+        prepare(tmp_path / "run", "pre-training", {}, {}, OWNED, resume=False, overwrite=True, is_main=True)
+    assert _files(tmp_path) == before
+
+
+def test_an_overwrite_that_fails_halfway_leaves_a_run_the_next_overwrite_finishes(tmp_path, monkeypatch):
+    _run_folder(tmp_path / "run")
+    real_rmtree, calls = shutil.rmtree, []
+
+    def failing_rmtree(path, *args, **kwargs):
+        calls.append(os.path.basename(path))
+        if len(calls) == 2:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", failing_rmtree)
+    with pytest.raises(PermissionError):
+        prepare(tmp_path / "run", "pre-training", {}, {}, OWNED, resume=False, overwrite=True, is_main=True)
+    assert (tmp_path / "run" / "run.json").is_file()  # removed last: still a run
+    monkeypatch.undo()
+    prepare(tmp_path / "run", "pre-training", {"lr": 1}, {}, OWNED, resume=False, overwrite=True, is_main=True)
+    assert sorted(os.listdir(tmp_path / "run")) == ["run.json"]

@@ -400,7 +400,7 @@ def test_corrupt_or_foreign_ticket_files_are_refused(tmp_path):
         (write("range.json", {**values, "ffn_kept": [[0, 40], [1]]}), r"ffn_kept\[0\] has an index outside 0..39"),
         (write("empty.json", {**values, "heads_kept": [[], [0]]}), r"heads_kept\[0\] is empty"),
         (write("layers.json", {**values, "heads_kept": [[0]]}), "heads_kept has 1 layers"),
-        (write("strings.json", {**values, "heads_kept": [["a"], [0]]}), "malformed ticket"),
+        (write("strings.json", {**values, "heads_kept": [["a"], [0]]}), r"heads_kept\[0\]\[0\]: expected an integer"),
         (write("edited.json", {**values, "heads_kept": [[0, 2], [0, 1]]}), "digest mismatch"),
         (write("extra.json", {**values, "heads": 3}), "unknown ticket fields heads"),
     ]

@@ -106,3 +106,24 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     assert not (tmp_path / "h.png").exists()
     with pytest.raises(SystemExit):
         main(["heatmap", str(tmp_path / "bad.json")])  # --output is required: argparse exits with usage
+
+
+def test_a_ticket_that_is_not_what_it_claims_is_one_line_naming_the_field(tmp_path, capsys):
+    """Deep nesting (a RecursionError in the parser) and a geometry value of the wrong type, in every command that
+    reads a ticket; the string "128" once passed and made check_fits say "drawn for hidden_size=128, but the model
+    has hidden_size=128"."""
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    good = tmp_path / "good.json"
+    bert_base_ticket(good)
+    values = json.loads(good.read_text())
+    values["source_geometry"]["hidden_size"] = "768"
+    (tmp_path / "string.json").write_text(json.dumps(values))
+    for bad, expected in (("deep.json", "JSON nested too deeply"),
+                          ("string.json", "ticket field source_geometry.hidden_size: expected an integer, got '768'")):
+        for argv in (["report", str(tmp_path / bad), "--config", str(REPO / "configs" / "bert-base.yaml")],
+                     ["distance", str(good), str(tmp_path / bad)],
+                     ["heatmap", str(tmp_path / bad), str(good), "-o", str(tmp_path / "h.png")]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"{tmp_path / bad}: " in err and expected in err, (argv, err)
+    assert not (tmp_path / "h.png").exists()

@@ -14,6 +14,7 @@ import json
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(temp, path)
+    except OSError as err:
+        if err.filename is not None or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from err  # a failed write names no file: name the target
     finally:
         temp.unlink(missing_ok=True)
 
@@ -68,13 +73,25 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
             backup.rename(folder)
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    shutil.rmtree(backup, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        remove_entry(backup)  # a linked old folder: the link goes, the folder it points to stays
+
+
+def remove_entry(path: str | os.PathLike) -> None:
+    """Remove a file, a folder tree or a symbolic link itself; never what a link points to (``rmtree`` refuses a
+    linked folder, ``is_dir`` would follow it)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def remove_stale_temps(directory: str | os.PathLike) -> None:
     """Delete the temp files and folders a killed writer left in ``directory`` (they never carry a final name)."""
     for stale in Path(directory).glob(f"{TEMP_MARK}*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            remove_entry(stale)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -95,6 +112,9 @@ def read_json(path: str | os.PathLike, what: str, error: type[UserError] = UserE
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise error(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise error(f"{path}: JSON nested too deeply to read (over {sys.getrecursionlimit()} levels); expected a "
+                    f"{what} file") from None
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256", block: int = 1 << 20) -> str:

@@ -12,12 +12,12 @@ folder's own location taken out, so a run moved or copied elsewhere (``cp -a``) 
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
 import sys
 from pathlib import Path
 
-from earlybert_pretrain.common.files import atomic_write_json, read_json
+from earlybert_pretrain.common.files import atomic_write_json, read_json, remove_entry
 from earlybert_pretrain.common.lock import LOCK_FILE
 from earlybert_pretrain.errors import RunError
 
@@ -55,13 +55,41 @@ def _differences(previous: dict, current: dict) -> list[str]:
     return sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))
 
 
+def check_no_symlink_loop(folder: Path) -> None:
+    """RunError naming the link when ``folder`` or a folder above it is a symbolic link that leads back to itself (the
+    OS would only say "File exists" or "Too many levels of symbolic links" when the folder is created)."""
+    for path in (*reversed(Path(folder).parents), Path(folder)):  # outermost first: the loop's own link is named
+        try:
+            os.stat(path)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise RunError(f"{path}: is a symbolic link loop (-> {os.readlink(path)}); give a real folder") \
+                    from None
+
+
 def check_writable(folder: Path) -> None:
-    """One clear line when ``folder`` cannot hold a run: a file in its place, or no permission to write there."""
+    """One clear line when ``folder`` cannot hold a run: a file in its place, a symbolic link loop, or no permission
+    to write there."""
+    check_no_symlink_loop(folder)
     existing = next((path for path in (folder, *folder.parents) if path.exists()), None)
     if existing is not None and not existing.is_dir():
         raise RunError(f"{existing}: is a file, expected a folder for the run's output")
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise RunError(f"{existing}: not writable (permission denied); choose another output_dir")
+
+
+def _remove_run(folder: Path, owned: list[str]) -> None:
+    """--overwrite: remove the run's own entries, run.json last, so a removal that fails halfway leaves a folder that
+    is still a run (the next --overwrite finishes it). An entry that is a symbolic link (checkpoints/ moved to another
+    disk and linked) refuses the whole removal before anything goes: removing through it would delete outside the
+    folder, removing the link alone would leave the old checkpoints and put the new ones on this disk."""
+    links = [folder / name for name in owned if (folder / name).is_symlink()]
+    if links:
+        named = ", ".join(f"{link} -> {os.readlink(link)}" for link in links)
+        raise RunError(f"{folder}: --overwrite removes no symbolic link nor what it points to ({named}); empty or "
+                       f"remove it yourself, then rerun (nothing was removed)")
+    for name in sorted(owned, key=lambda name: name == RUN_FILE):
+        remove_entry(folder / name)
 
 
 def prepare(folder: Path, kind: str, config: dict, inputs: dict[str, str], owned: list[str], resume: bool,
@@ -86,12 +114,7 @@ def prepare(folder: Path, kind: str, config: dict, inputs: dict[str, str], owned
     if previous is not None:
         if overwrite:
             if is_main:
-                for name in owned:
-                    path = folder / name
-                    if path.is_dir():
-                        shutil.rmtree(path)
-                    else:
-                        path.unlink(missing_ok=True)
+                _remove_run(folder, owned)
         elif resume:
             here = (os.path.abspath(folder), os.getcwd())
             there = (previous.get("location", here[0]), previous.get("cwd", here[1]))  # older records: unmoved

@@ -182,6 +182,12 @@ def _sources(task: TaskSpec, train_file: str, validation_files: list[str], data_
     return chosen
 
 
+def local_files(task: TaskSpec, train_file: str, validation_files: list[str], data_dir: str) -> dict[str, str]:
+    """Split name -> the local file it is read from (splits taken from the hub are left out)."""
+    return {split: path for split, path in _sources(task, train_file, list(validation_files), data_dir).items()
+            if path is not None}
+
+
 def load_task_data(task: TaskSpec, train_file: str = "", validation_files: list[str] = (), data_dir: str = "",
                    text_columns: list[str] = (), label_column: str = "", max_train_examples: int | None = None,
                    max_eval_examples: int | None = None, need_train: bool = True) -> TaskData:

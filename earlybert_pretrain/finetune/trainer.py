@@ -35,7 +35,7 @@ from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.errors import ConfigError, DataError, ModelFolderError
 from earlybert_pretrain.finetune import reduced
 from earlybert_pretrain.finetune.config import FinetuneConfig, resolve_max_seq_length, resolve_schedule
-from earlybert_pretrain.finetune.data import TaskData, load_task_data
+from earlybert_pretrain.finetune.data import TaskData, load_task_data, local_files
 from earlybert_pretrain.finetune.features import encode_classification, load_tokenizer
 from earlybert_pretrain.finetune.loop import TrainBatches, model_inputs, predict, score, train_batches
 from earlybert_pretrain.finetune.models import build_task_model
@@ -311,11 +311,14 @@ class FinetuneLayout:
                 "checkpoints"]
 
 
-def _inputs(config: FinetuneConfig) -> dict[str, str]:
-    """Digests of the model and ticket a run starts from: a resume with changed ones is refused."""
+def _inputs(config: FinetuneConfig, task: TaskSpec) -> dict[str, str]:
+    """Digests of the model, task data and ticket a run starts from: a resume with changed ones is refused (labels
+    edited between a kill and --resume would otherwise be trained on)."""
     folder = Path(config.model_dir)
     inputs = {f"model/{path.name}": sha256_file(path) for path in sorted(folder.iterdir())
               if path.is_file() and path.suffix in (".json", ".safetensors", ".bin", ".txt")}
+    files = local_files(task, config.data.train_file, config.data.validation_files, config.data.data_dir)
+    inputs.update({f"{split} file {path}": sha256_file(path) for split, path in files.items()})
     if config.ticket:
         inputs["ticket"] = sha256_file(config.ticket)
     return inputs
@@ -412,7 +415,7 @@ def run(config: FinetuneConfig, resume: bool = False, overwrite: bool = False) -
     with agreed_context(hold_run_lock(layout.root, "fine-tuning run") if runtime.is_main
                         else contextlib.nullcontext()):
         def prepare() -> dict:
-            run_folder.prepare(layout.root, "fine-tuning", dataclasses.asdict(config), _inputs(config),
+            run_folder.prepare(layout.root, "fine-tuning", dataclasses.asdict(config), _inputs(config, task),
                                layout.owned(), resume, overwrite, is_main=True)
             return read_json(layout.progress, "progress") if layout.progress.is_file() else {}
 

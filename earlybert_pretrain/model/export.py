@@ -37,6 +37,7 @@ from earlybert_pretrain.model.hf import (
     CONFIG_NAME,
     INDEX_BUFFERS,
     SAFETENSORS_NAME,
+    TOKENIZER_FILES,
     copy_tokenizer_files,
     read_config,
     read_state_dict,
@@ -48,6 +49,7 @@ COMPACT_PREFIX = "Early"  # BertModel -> EarlyBertModel, the class of the same t
 COMPACT_MODEL_TYPE = "earlybert"
 REMOTE_DIR = Path(__file__).resolve().parent / "remote"
 REMOTE_FILES = ("configuration_earlybert.py", "modeling_earlybert.py")
+EXPORT_FILES = frozenset({CONFIG_NAME, SAFETENSORS_NAME, *TOKENIZER_FILES, *REMOTE_FILES})  # all _write ever writes
 AUTO_MAP = {"AutoConfig": "configuration_earlybert.EarlyBertConfig",
             "AutoModel": "modeling_earlybert.EarlyBertModel",
             "AutoModelForPreTraining": "modeling_earlybert.EarlyBertForPreTraining",
@@ -209,13 +211,28 @@ def _write(model: ModelFolder, out_dir: Path, fmt: str, pruned: BertConfig) -> P
 
 
 def _check_output(source: Path, out_dir: str | os.PathLike, fmt: str, overwrite: bool) -> Path:
+    """Refuse an output that is, holds or lies inside the input, and one holding anything but an export's files:
+    --overwrite replaces only a folder this command wrote (nothing of the user's is ever removed)."""
     out_dir = Path(out_dir)
     if fmt not in FORMATS:
         raise ModelFolderError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if out_dir.exists() and out_dir.resolve() == source.resolve():
-        raise ModelFolderError(f"{out_dir}: the output folder is the input folder; choose another")
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    source_real, out_real = source.resolve(), out_dir.resolve()
+    if out_real == source_real or out_real in source_real.parents or source_real in out_real.parents:
+        relation = ("is" if out_real == source_real else "holds" if out_real in source_real.parents
+                    else "lies inside")
+        raise ModelFolderError(f"{out_dir}: the output folder {relation} the input folder {source}; choose a folder "
+                               f"apart from it")
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return out_dir
+    if not overwrite:
         raise ModelFolderError(f"{out_dir}: already exists and is not empty; pass --overwrite to replace it")
+    entries = list(out_dir.iterdir()) if out_dir.is_dir() else []
+    foreign = sorted(path.name for path in entries
+                     if path.name not in EXPORT_FILES or path.is_symlink() or not path.is_file())
+    if foreign or not (out_dir / CONFIG_NAME).is_file():
+        listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "") if foreign else f"no {CONFIG_NAME}"
+        raise ModelFolderError(f"{out_dir}: not a folder this command wrote ({listed}); --overwrite replaces only an "
+                               f"export, choose another output folder (nothing was removed)")
     return out_dir
 
 

@@ -93,6 +93,11 @@ def validate(cfg: PretrainConfig, world_size: int) -> None:
         raise RunError("mode=ticket needs ticket=path/to/ticket.json")
     if not 0.0 < cfg.pruned_step_fraction <= 1.0 or cfg.total_steps < 2 or (cfg.search.steps or 0) < 1:
         raise RunError("pruned_step_fraction must be in (0, 1], total_steps >= 2 and search.steps >= 1")
+    search_room = phase_steps(cfg, dense=True)["phase1"]  # the search runs on phase 1's dense schedule
+    if cfg.mode == "earlybert" and cfg.search.steps > search_room:
+        raise RunError(f"search.steps={cfg.search.steps} exceeds the {search_room} steps of phase 1 (total_steps="
+                       f"{cfg.total_steps}, preset {cfg.preset}) the search runs within; lower search.steps or raise "
+                       f"total_steps")
     every = {"engine.checkpoint_every": cfg.engine.checkpoint_every, "engine.log_every": cfg.engine.log_every,
              "engine.keep_checkpoints": cfg.engine.keep_checkpoints, "search.record_every": cfg.search.record_every,
              "data.prefetch": cfg.data.prefetch}
@@ -210,7 +215,7 @@ def run_search(run: Run, dense_steps: dict[str, int]) -> Ticket:
     if run.is_main and not layout.theta0.is_dir():
         save_pretrained(model, layout.theta0)  # θ0, before any step: re-initialisation rewinds to it
     barrier()
-    search_steps = min(cfg.search.steps, dense_steps["phase1"])
+    search_steps = cfg.search.steps  # validate() refused more than phase 1's steps
     search = SlimmingSearch(cfg.search, cfg.search.heads_to_prune_for(cfg.model), search_steps, model.config,
                             run.tensorboard)
     record = train_stage(run, "search", model, cfg.phase1, dense_steps["phase1"], search_steps, [search])

@@ -56,7 +56,7 @@ def _json_format(path: str) -> object:
     """The file's "format" field, or None when it is unreadable (the real loader then says what is wrong)."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8")).get("format")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return None
 
 
@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (export, apply):
         command.add_argument("out_dir")
         command.add_argument("--format", required=True, choices=FORMATS)
-        command.add_argument("--overwrite", action="store_true", help="replace OUT_DIR when it is not empty")
+        command.add_argument("--overwrite", action="store_true",
+                             help="replace OUT_DIR when it holds an earlier export (and nothing else)")
     export.set_defaults(run=_export)
     apply.set_defaults(run=_apply)
     return parser

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from earlybert_pretrain.common.files import atomic_write_text, read_json
-from earlybert_pretrain.config import FfnScope
-from earlybert_pretrain.errors import TicketError
+from earlybert_pretrain.config import FfnScope, coerce
+from earlybert_pretrain.errors import ConfigError, TicketError
 from earlybert_pretrain.model.bert import BertConfig
 
 TICKET_FORMAT = "earlybert-ticket"
@@ -40,12 +40,31 @@ FFN_SCOPES = typing.get_args(FfnScope)
 STRUCTURAL_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "heads_per_layer", "ffn_per_layer")
 GEOMETRY_FIELDS = STRUCTURAL_FIELDS + ("intermediate_size", "vocab_size", "max_position_embeddings",
                                        "type_vocab_size")
+GEOMETRY_TYPES = {name: list[int] if name.endswith("_per_layer") else int for name in GEOMETRY_FIELDS}
 NO_COEFFICIENTS_HINT = "call model.add_slimming_coefficients() or set config.slimming"
 REPORT_SEQ_LENS = (128, 512)  # the two phases of the pre-training recipe (Sec. 4.1)
 
 
 def geometry_of(config: BertConfig) -> dict:
     return {name: getattr(config, name) for name in GEOMETRY_FIELDS}
+
+
+def _typed_fields(cls: type, values: Mapping, where: str) -> dict:
+    """The ticket's fields from a loaded JSON object, each checked against its annotation (and the geometry's
+    against ``GEOMETRY_TYPES``): "128" for an integer is refused here, naming the field, not compared later."""
+    hints = typing.get_type_hints(cls)
+    try:
+        typed = {name: coerce(value, hints[name], f"{where}: ticket field {name}") for name, value in values.items()
+                 if name in hints}
+        geometry = typed.get("source_geometry")
+        if not isinstance(geometry, Mapping):
+            raise ConfigError(f"{where}: ticket field source_geometry: expected an object, got {geometry!r}")
+        for name, tp in GEOMETRY_TYPES.items():
+            if name in geometry:
+                coerce(geometry[name], tp, f"{where}: ticket field source_geometry.{name}")
+    except ConfigError as err:
+        raise TicketError(str(err)) from None
+    return typed
 
 
 @dataclass
@@ -118,8 +137,9 @@ class Ticket:
         unknown = sorted(set(values) - known - {"format", "digest"})
         if unknown:
             raise TicketError(f"{where}: unknown ticket fields {', '.join(unknown)}")
+        typed = _typed_fields(cls, values, where)
         try:
-            ticket = cls(**{k: v for k, v in values.items() if k in known})
+            ticket = cls(**typed)
         except TicketError as err:
             raise TicketError(f"{where}: {err}") from None
         except (TypeError, ValueError) as err:
