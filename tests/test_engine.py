@@ -88,9 +88,13 @@ def test_resolve_precision():
         resolve_precision("int8", CPU)
 
 
-@pytest.mark.parametrize("has_bf16", [True, False])
-def test_resolve_precision_on_gpus_with_and_without_bf16(monkeypatch, has_bf16):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: has_bf16)
+@pytest.mark.parametrize("capability", [(7, 0), (8, 0), (9, 0)])
+def test_resolve_precision_on_gpus_with_and_without_bf16(monkeypatch, capability):
+    """A V100 (sm_70) passes torch's bf16 probe by emulation: the decision is the compute capability."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+                        or capability >= (8, 0))
+    has_bf16 = capability >= (8, 0)
     gpu = torch.device("cuda", 0)
     assert resolve_precision("auto", gpu) == ("bf16" if has_bf16 else "fp16")  # V100: fp16 with loss scaling
     assert resolve_precision("fp16", gpu) == "fp16"

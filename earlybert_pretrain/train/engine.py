@@ -31,20 +31,27 @@ logger = logging.getLogger(__name__)
 PRECISIONS = typing.get_args(Precision)
 
 
+def _has_bf16_units(device: torch.device) -> bool:
+    """bf16 in hardware: compute capability >= 8.0 (Ampere, Hopper). Not ``torch.cuda.is_bf16_supported()``: by
+    default it counts emulation and says yes on a V100 (sm_70), where bf16 runs emulated and slow."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """fp32 | bf16 | fp16 for ``device``. ``auto``: bf16 on CUDA GPUs with bf16 (Ampere, Hopper), fp16 with dynamic loss
-    scaling on older ones (V100 has no bf16), fp32 on the CPU (bf16 is emulated, hence slower, on CPUs without AMX)."""
+    """fp32 | bf16 | fp16 for ``device``. ``auto``: bf16 on CUDA GPUs with bf16 units (compute capability >= 8.0:
+    Ampere, Hopper), fp16 with dynamic loss scaling on older ones (V100), fp32 on the CPU (bf16 is emulated, hence
+    slower, on CPUs without AMX)."""
     if requested not in PRECISIONS:
         raise ConfigError(f"engine.precision: expected one of {', '.join(PRECISIONS)}, got {requested!r}")
     on_cuda = torch.device(device).type == "cuda"
     if requested == "auto":
         if not on_cuda:
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if _has_bf16_units(device) else "fp16"
     if requested == "fp16" and not on_cuda:
         raise ConfigError("engine.precision=fp16: training on the CPU does not support fp16; use engine.precision=bf16 "
                           "(or fp32) there (fp16 with loss scaling is for GPUs without bf16, e.g. V100)")
-    if requested == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+    if requested == "bf16" and on_cuda and not _has_bf16_units(device):
         raise ConfigError("engine.precision=bf16: this GPU has no bf16 (e.g. V100); use engine.precision=fp16")
     return requested
 
