@@ -4,10 +4,14 @@ fp16 autocast path (GradScaler) runs here too, though ``resolve_precision`` keep
 
 import importlib.util
 import statistics
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from earlybert_pretrain.config import OptimizerConfig, SearchConfig
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
@@ -191,3 +195,54 @@ def test_fp16_training_stays_near_its_fp32_twin(single_process_dist):
               if not name.endswith("key.bias")}  # its gradient is 0 in exact arithmetic: rounding noise only
     assert max(errors.values()) < 1e-2, max(errors.items(), key=lambda item: item[1])
     assert max(errors.values()) > 0  # fp16 really ran
+
+
+class ApexLikeFusedLayerNorm(nn.LayerNorm):
+    """A stand-in for apex's FusedLayerNorm as it runs on CUDA (apex is not installed here): under autocast it casts
+    input, weight and bias to the autocast dtype and runs the kernel in that dtype, autocast off (apex's
+    ``fused_layer_norm_affine`` with ``_cast_if_autocast_enabled``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(input.device.type):
+            dtype = torch.get_autocast_dtype(input.device.type)
+            input, weight, bias = input.to(dtype), weight.to(dtype), bias.to(dtype)
+        with torch.autocast(input.device.type, enabled=False):
+            return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
+
+
+ApexLikeFusedLayerNorm.__name__ = "FusedLayerNorm"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_is_fp32_under_autocast_with_apex_and_torch_kernels(monkeypatch, dtype):
+    """Every LayerNorm (embeddings, 2 per layer, MLM head) returns fp32 under autocast, and its gradients are those of
+    torch's LayerNorm in fp32: apex's kernel (a stand-in that casts as apex does) gives bit-identical gradients to the
+    torch kernel. Dropout on, the same masks for both (same seed)."""
+    def trained(kernel: str) -> tuple[list[torch.dtype], dict[str, torch.Tensor], list[str]]:
+        with monkeypatch.context() as patch:
+            if kernel == "apex":
+                apex, normalization = types.ModuleType("apex"), types.ModuleType("apex.normalization")
+                normalization.FusedLayerNorm, apex.normalization = ApexLikeFusedLayerNorm, normalization
+                patch.setitem(sys.modules, "apex", apex)
+                patch.setitem(sys.modules, "apex.normalization", normalization)
+                patch.setattr(torch.cuda, "is_available", lambda: True)
+            torch.manual_seed(0)
+            model = BertForPreTraining(BertConfig(
+                vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                max_position_embeddings=16, slimming=True))
+        norms = [module for module in model.modules() if "LayerNorm" in type(module).__name__]
+        dtypes = []
+        for norm in norms:
+            norm.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=dtype):
+            model(**next(open_batches(0))).loss.backward()
+        return dtypes, {name: p.grad for name, p in model.named_parameters()}, [type(n).__name__ for n in norms]
+
+    apex_dtypes, apex_grads, apex_names = trained("apex")
+    torch_dtypes, torch_grads, torch_names = trained("torch")
+    assert apex_names == ["Fp32FusedLayerNorm"] * 6 and torch_names == ["Fp32LayerNorm"] * 6
+    assert apex_dtypes == torch_dtypes == [torch.float32] * 6
+    assert all(grad.dtype == torch.float32 for grad in apex_grads.values())
+    assert all(torch.equal(apex_grads[name], torch_grads[name]) for name in torch_grads)

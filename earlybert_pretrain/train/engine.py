@@ -209,7 +209,7 @@ def _precision(engine) -> str:
 
 def _layer_norm_kernel(model: nn.Module) -> str:
     names = {type(module).__name__ for module in model.modules() if "LayerNorm" in type(module).__name__}
-    if "FusedLayerNorm" in names:
+    if any("FusedLayerNorm" in name for name in names):  # Fp32FusedLayerNorm (model/bert.py)
         return "apex-fused-layer-norm"
     return "torch-native-layer-norm" if names else "none"
 
