@@ -147,6 +147,8 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
     make_lamb_exact_under_zero(engine)  # ZeRO 1/2: per-tensor trust ratios over the flat partitions
     if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
         engine.torch_autocast_z0_gradscaler = SkipReportingGradScaler(engine.optimizer, device=engine.device.type)
+    if getattr(engine.optimizer, "torch_autocast_gradscaler", None) is not None:
+        _scale_inside_zero(engine.optimizer)
     return engine
 
 
@@ -171,6 +173,58 @@ class SkipReportingGradScaler(torch.amp.GradScaler):
         self.optimizer.overflow = new_scale is None and self.get_scale() < before
 
 
+class ZeroDynamicLossScale:
+    """fp16 under ZeRO 1/2: the dynamic loss scale of DeepSpeed's ZeRO optimizer, by torch's GradScaler rule (2^16 at
+    the start, halved on an overflow, doubled after 2,000 steps without one), which the stage logs and checkpoints.
+
+    It speaks DeepSpeed's loss-scaler protocol (``cur_scale``, ``dynamic``, ``scale_loss``, ``update_scale``; the
+    ZeRO optimizer pickles it into its checkpoint) and GradScaler's (``get_scale``, ``state_dict``,
+    ``load_state_dict``) for ``Stage``. The ZeRO step calls ``update_scale`` before it unscales the gradients, so a
+    doubling takes effect at the next step's first ``scale_loss``: the step that earned it is unscaled by the scale
+    its gradients carry.
+    """
+
+    dynamic = True
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.cur_scale, self.growth_interval, self.clean_steps = float(scale), growth_interval, 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.clean_steps == self.growth_interval:
+            self.cur_scale, self.clean_steps = self.cur_scale * 2.0, 0
+        return loss * self.cur_scale
+
+    def update_scale(self, overflow: bool) -> None:
+        if overflow:  # the ZeRO optimizer skips this step (DeepSpeed then holds the lr schedule)
+            self.cur_scale, self.clean_steps = self.cur_scale / 2.0, 0
+        else:
+            self.clean_steps += 1
+
+    def get_scale(self) -> float:
+        """The scale the next step's loss is multiplied by."""
+        return self.cur_scale * (2.0 if self.clean_steps == self.growth_interval else 1.0)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.get_scale(), "clean_steps": self.clean_steps % self.growth_interval}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cur_scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
+
+
+def _scale_inside_zero(zero_optimizer) -> None:
+    """fp16 autocast under ZeRO 1/2: loss scaling by the ZeRO optimizer's own fp16 machinery, not the GradScaler
+    DeepSpeed hands it. Its step does not fit a GradScaler (deepspeed runtime/zero/stage_1_and_2.py, 0.19.8): it
+    clips with its own loss scale (1.0 for fp32 parameters) while the gradients still carry the GradScaler's 2^16, so
+    the update shrank ~65,536-fold; on overflow it returns before the GradScaler's update(), so the scale never backed
+    off; and it updated the scale once per param group. Its own machinery checks every rank's partition for inf/nan
+    (all-reduced), skips the step and backs the scale off, unscales together with clipping and reports the grad norm
+    unscaled; it stays off for fp32 parameters unless the optimizer holds a dynamic scale and checks overflow."""
+    zero_optimizer.torch_autocast_gradscaler = None
+    zero_optimizer.loss_scaler = ZeroDynamicLossScale()
+    zero_optimizer.dynamic_loss_scale = True
+    zero_optimizer.check_grad_overflow = True
+
+
 def _forget_earlier_autocast() -> None:
     """DeepSpeed records the last autocast engine's dtype in module globals that its ZeRO optimizers read (an fp16
     one adds a GradScaler); an engine without autocast built later in the same process must not inherit them."""
@@ -179,10 +233,12 @@ def _forget_earlier_autocast() -> None:
     torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
 
 
-def loss_scaler(engine) -> torch.amp.GradScaler | None:
-    """fp16's dynamic loss scaler (DeepSpeed's ZeRO-0 autocast GradScaler, or its ZeRO optimizer's); None otherwise."""
-    return (getattr(engine, "torch_autocast_z0_gradscaler", None)
-            or getattr(engine.optimizer, "torch_autocast_gradscaler", None))
+def loss_scaler(engine) -> torch.amp.GradScaler | ZeroDynamicLossScale | None:
+    """fp16's dynamic loss scale: the ZeRO-0 GradScaler, or the ZeRO 1/2 optimizer's scale (read on every call: a
+    checkpoint load replaces it); None otherwise."""
+    scale = getattr(engine.optimizer, "loss_scaler", None)
+    return getattr(engine, "torch_autocast_z0_gradscaler", None) or (
+        scale if isinstance(scale, ZeroDynamicLossScale) else None)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
