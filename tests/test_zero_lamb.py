@@ -22,6 +22,7 @@ from earlybert_pretrain.errors import ConfigError
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.train import optim
 from earlybert_pretrain.train.engine import deepspeed_config
+from earlybert_pretrain.train.memory import memory_budget
 from earlybert_pretrain.train.optim import build_optimizer
 from earlybert_pretrain.train.zero_lamb import _fragments
 
@@ -96,6 +97,15 @@ def test_zero_1_and_2_lamb_equal_zero_0_and_per_partition_lamb_does_not(compared
     for name in ("zero1", "zero2"):  # each rank keeps about half the moments, plus its fp32 partition
         assert 0.45 < state[name]["moments"] / state["zero0"]["moments"] < 0.55
         assert state[name]["master_weights"] == state[name]["moments"] // 2
+
+
+@pytest.mark.slow
+def test_memory_budget_counts_the_optimizer_state_deepspeed_allocates(compared):
+    """LAMB's moments and, under ZeRO 1/2, DeepSpeed's fp32 master partition, as measured on each of 2 ranks."""
+    for name, zero_stage in (("zero0", 0), ("zero1", 1), ("zero2", 2), ("zero2_fp16", 2)):
+        run = compared[name]
+        budget = memory_budget(run["parameters"], 2, zero_stage)
+        assert run["timing"]["optimizer_state_bytes"]["total"] == budget["optimizer_state"], name
 
 
 @pytest.mark.slow

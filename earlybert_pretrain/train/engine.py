@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from earlybert_pretrain.config import Precision
+from earlybert_pretrain.config import EngineConfig, Precision
 from earlybert_pretrain.errors import ConfigError
 from earlybert_pretrain.train.zero_lamb import make_lamb_exact_under_zero
 
@@ -57,8 +57,11 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 
 def deepspeed_config(global_batch_size: int, micro_batch_size: int, world_size: int, precision: str,
-                     grad_clip: float, zero_stage: int, optimizer_name: str) -> dict:
-    """The DeepSpeed JSON config for one phase; gradient accumulation = global / (micro * world size)."""
+                     grad_clip: float, zero_stage: int, optimizer_name: str,
+                     reduce_bucket_size: int = EngineConfig.reduce_bucket_size,
+                     allgather_bucket_size: int = EngineConfig.allgather_bucket_size) -> dict:
+    """The DeepSpeed JSON config for one phase; gradient accumulation = global / (micro * world size). The ZeRO
+    bucket sizes (elements) are always set, never DeepSpeed's defaults (train/memory.py counts them)."""
     if global_batch_size < 1 or micro_batch_size < 1 or world_size < 1:
         raise ConfigError(f"batch sizes and world size must be >= 1, got global_batch_size={global_batch_size}, "
                                 f"micro_batch_size={micro_batch_size}, world_size={world_size}")
@@ -80,12 +83,18 @@ def deepspeed_config(global_batch_size: int, micro_batch_size: int, world_size: 
             "engine.zero_stage=1 or 2 (exact per-tensor LAMB), or optimizer.name=adamw")
     if grad_clip < 0:
         raise ConfigError(f"optimizer.grad_clip must be >= 0 (0 = off), got {grad_clip}")
+    if reduce_bucket_size < 1:
+        raise ConfigError(f"engine.reduce_bucket_size: expected a number of elements >= 1, got {reduce_bucket_size}")
+    if allgather_bucket_size < 2 or allgather_bucket_size % 2:  # DeepSpeed aligns all-gather shards to 2 elements
+        raise ConfigError(f"engine.allgather_bucket_size: expected an even number of elements >= 2, got "
+                          f"{allgather_bucket_size}")
     return {
         "train_batch_size": global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": global_batch_size // per_step,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": reduce_bucket_size,
+                              "allgather_bucket_size": allgather_bucket_size},
         "zero_allow_untested_optimizer": True,  # our client optimizers under ZeRO (LAMB made exact in zero_lamb.py)
         **_precision_sections(precision),
         "steps_per_print": 10**9,  # our own log lines; DeepSpeed's would interleave with them
