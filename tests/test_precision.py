@@ -155,6 +155,19 @@ def test_fp16_runs_autocast_with_dynamic_loss_scaling_and_resumes_its_scale(sing
         assert stage.resume() and loss_scaler(stage.engine).get_scale() == 1024.0
 
 
+def test_fp16_under_zero_keeps_dynamic_loss_scaling_when_it_resumes_an_fp32_checkpoint(single_process_dist, tmp_path):
+    """engine.precision=auto resolves per machine, so a run can be resumed in another precision: DeepSpeed's ZeRO
+    checkpoint carries its writer's static loss scaler (1.0), which must not replace fp16's dynamic one."""
+    run = StageSettings(**{**vars(settings("resumable", tmp_path)), "zero_stage": 2})
+    with Stage.build(tiny_model(), run, Runtime(0, 1, CPU, "fp32")) as stage:
+        stage.run(open_batches, 4)  # checkpoint at step 3
+    with Stage.build(tiny_model(), run, Runtime(0, 1, CPU, "fp16")) as stage:
+        assert stage.resume() and stage.step == 3
+        assert loss_scaler(stage.engine).get_scale() == 2.0 ** 16
+        stage.run(open_batches, 4)
+        assert loss_scaler(stage.engine).get_scale() == 2.0 ** 16 and stage.engine.skipped_steps == 0
+
+
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_fp16_overflow_skips_the_update_and_holds_the_lr_schedule(single_process_dist, zero_stage):
     """A step whose scaled gradients overflow leaves the weights and the schedule where they were (DeepSpeed's rule

@@ -2,7 +2,8 @@
 
 Precision: bf16 and fp16 run as autocast over fp32 parameters (DeepSpeed's ``torch_autocast`` section), so gradients
 accumulate in the parameters' fp32 ``.grad`` and the slimming coefficients a ticket is drawn from stay fp32; fp16
-adds dynamic loss scaling (DeepSpeed's ZeRO-0 ``torch.amp.GradScaler``). DeepSpeed's own ``bf16`` / ``fp16`` sections
+adds dynamic loss scaling (DeepSpeed's ZeRO-0 ``torch.amp.GradScaler``; under ZeRO 1/2 the ZeRO optimizer's own
+fp16 machinery with ``ZeroDynamicLossScale``). DeepSpeed's own ``bf16`` / ``fp16`` sections
 are off: at ZeRO 0 they make the parameters and ``.grad`` half precision, so micro-batches accumulate in bf16/fp16
 (measured in benchmarks/accumulation.py), and ``grad_accum_dtype=fp32`` is refused there.
 
@@ -158,6 +159,8 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
         engine.torch_autocast_z0_gradscaler = SkipReportingGradScaler(engine.optimizer, device=engine.device.type)
     if getattr(engine.optimizer, "torch_autocast_gradscaler", None) is not None:
         _scale_inside_zero(engine.optimizer)
+    if engine.zero_optimization_stage() in (1, 2):
+        _keep_loss_scaler_on_load(engine.optimizer)
     return engine
 
 
@@ -232,6 +235,20 @@ def _scale_inside_zero(zero_optimizer) -> None:
     zero_optimizer.loss_scaler = ZeroDynamicLossScale()
     zero_optimizer.dynamic_loss_scale = True
     zero_optimizer.check_grad_overflow = True
+
+
+def _keep_loss_scaler_on_load(zero_optimizer) -> None:
+    """A ZeRO 1/2 checkpoint carries its writer's loss scaler (pickled), and loading it would replace this engine's:
+    ``engine.precision=auto`` resolves per machine, so an fp32/bf16 checkpoint resumed in fp16 would train without
+    loss scaling. The scaler stays this engine's; ``Stage.resume`` restores an fp16 scale from the client state."""
+    load = zero_optimizer.load_state_dict
+
+    def load_state_dict(*args, **kwargs):
+        own = zero_optimizer.loss_scaler
+        load(*args, **kwargs)
+        zero_optimizer.loss_scaler = own
+
+    zero_optimizer.load_state_dict = load_state_dict
 
 
 def _forget_earlier_autocast() -> None:
