@@ -190,10 +190,10 @@ class ZeroDynamicLossScale:
     the start, halved on an overflow, doubled after 2,000 steps without one), which the stage logs and checkpoints.
 
     It speaks DeepSpeed's loss-scaler protocol (``cur_scale``, ``dynamic``, ``scale_loss``, ``update_scale``; the
-    ZeRO optimizer pickles it into its checkpoint) and GradScaler's (``get_scale``, ``state_dict``,
-    ``load_state_dict``) for ``Stage``. The ZeRO step calls ``update_scale`` before it unscales the gradients, so a
-    doubling takes effect at the next step's first ``scale_loss``: the step that earned it is unscaled by the scale
-    its gradients carry.
+    ZeRO optimizer pickles it into its checkpoint, so it stays importable here) and GradScaler's (``get_scale``,
+    ``state_dict``, ``load_state_dict``) for ``Stage``. The ZeRO step calls ``update_scale`` before it unscales the
+    gradients, so a doubling takes effect at the next step's first ``scale_loss``: the step that earned it is
+    unscaled by the scale its gradients carry.
     """
 
     dynamic = True
@@ -230,7 +230,7 @@ def _scale_inside_zero(zero_optimizer) -> None:
     the update shrank ~65,536-fold; on overflow it returns before the GradScaler's update(), so the scale never backed
     off; and it updated the scale once per param group. Its own machinery checks every rank's partition for inf/nan
     (all-reduced), skips the step and backs the scale off, unscales together with clipping and reports the grad norm
-    unscaled; it stays off for fp32 parameters unless the optimizer holds a dynamic scale and checks overflow."""
+    unscaled. DeepSpeed switches that machinery off for fp32 parameters (autocast), hence the settings below."""
     zero_optimizer.torch_autocast_gradscaler = None
     zero_optimizer.loss_scaler = ZeroDynamicLossScale()
     zero_optimizer.dynamic_loss_scale = True
@@ -260,8 +260,8 @@ def _forget_earlier_autocast() -> None:
 
 
 def loss_scaler(engine) -> torch.amp.GradScaler | ZeroDynamicLossScale | None:
-    """fp16's dynamic loss scale: the ZeRO-0 GradScaler, or the ZeRO 1/2 optimizer's scale (read on every call: a
-    checkpoint load replaces it); None otherwise."""
+    """fp16's dynamic loss scale: the ZeRO-0 GradScaler, or the ZeRO 1/2 optimizer's ``ZeroDynamicLossScale``; None
+    otherwise."""
     scale = getattr(engine.optimizer, "loss_scaler", None)
     return getattr(engine, "torch_autocast_z0_gradscaler", None) or (
         scale if isinstance(scale, ZeroDynamicLossScale) else None)
