@@ -145,15 +145,16 @@ def make_layer_norm(hidden_size: int, eps: float, fused: bool) -> nn.Module:
 
 @functools.cache
 def _in_fp32(kernel: type[nn.Module]) -> type[nn.Module]:
-    """``kernel`` with autocast off and an fp32 input, so its output and its parameters' gradients are fp32 under
-    bf16/fp16 autocast. Needed on every path: apex's FusedLayerNorm casts input, weight and bias to the autocast dtype
-    (its ``_cast_if_autocast_enabled``), and CPU autocast runs torch's layer_norm in the input's dtype (CUDA autocast
-    keeps it fp32). The residual stream and the LayerNorm weights are thus never rounded to half precision."""
+    """``kernel`` with autocast off and its input in the parameters' dtype, so under bf16/fp16 autocast (fp32
+    parameters) its output and its parameters' gradients are fp32. Needed on every path: apex's FusedLayerNorm casts
+    input, weight and bias to the autocast dtype (its ``_cast_if_autocast_enabled``), and CPU autocast runs torch's
+    layer_norm in the input's dtype (CUDA autocast keeps it fp32). The residual stream and the LayerNorm weights are
+    thus never rounded to half precision."""
 
     class InFp32(kernel):
         def forward(self, input: torch.Tensor) -> torch.Tensor:
             with torch.autocast(input.device.type, enabled=False):
-                return super().forward(input.float())
+                return super().forward(input.to(self.weight.dtype))
 
     InFp32.__name__ = InFp32.__qualname__ = f"Fp32{kernel.__name__}"  # names the kernel in the run log
     return InFp32
