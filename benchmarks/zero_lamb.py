@@ -1,7 +1,8 @@
-"""Optimizer-state bytes per rank at ZeRO 0 / 1 / 2 with our LAMB on 2 ranks, the step-time cost of the per-tensor
-trust ratio (one extra all-reduce per step), and what that leaves for BERT-large's micro-batch on a 16 GB V100.
+"""Optimizer-state bytes per rank at ZeRO 0 / 1 / 2 with our LAMB on 2 ranks (checked against
+``train/memory.memory_budget``), the step-time cost of the per-tensor trust ratio (one extra all-reduce per step),
+and what the budget leaves for BERT-large's micro-batch on a 16 GB V100.
 
-    python benchmarks/zero_lamb.py [--hidden 256] [--layers 4] [--steps 12] [--rounds 2]
+    python benchmarks/zero_lamb.py [--hidden 256] [--layers 4] [--steps 12] [--rounds 2] [--computed-only]
 
 Launches itself as ranks 0 and 1 (gloo, CPU). Each configuration trains a BERT of the given width (vocab 8192,
 FFN 4x, MLM + NSP, fp32) for ``--steps`` optimizer steps of 2 micro-batches x 8 sequences of 128 tokens per rank;
@@ -24,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from earlybert_pretrain.train.memory import memory_budget
 
 GIB = 2**30
 CONFIGS = (("zero0", 0, True), ("zero1", 1, True), ("zero1 per-partition", 1, False), ("zero2", 2, True),
@@ -107,47 +110,58 @@ def measure(args: argparse.Namespace) -> None:
         report(best, args)
 
 
-def bert_large_micro_batch(state_bytes_per_param: float, grad_bytes_per_param: float, seq: int,
-                           memory: float = 16 * GIB, reserve: float = 1.5 * GIB) -> tuple[float, int]:
-    """Computed: (model-state GiB, largest micro-batch) for BERT-large (L=24, h=1024, a=16, 336M parameters) at
-    sequence length ``seq`` on a ``memory``-byte GPU, ``reserve`` kept for the CUDA context, workspace and
-    fragmentation. Model states = fp32 weights (4 B/param, autocast keeps fp32 parameters) + gradients
-    (``grad_bytes_per_param``) + optimizer state (``state_bytes_per_param``, from the measurement). Activations per
-    sequence, half-precision, no recomputation: s*h*L*(34 + 5*a*s/h) bytes (Korthikanti et al. 2022, Eq. 2 with t=1),
-    plus the MLM head on 20 (seq 128) / 80 (seq 512) predicted positions: p*V*(2 + 4) bytes (fp16 logits, fp32 loss).
+def bert_large_micro_batch(zero_stage: int, seq: int, world_size: int = 2, memory: float = 16 * GIB,
+                           reserve: float = 1.5 * GIB, **buckets: int) -> tuple[dict[str, int], int]:
+    """Computed: (model-state bytes per GPU by component, largest micro-batch) for BERT-large (L=24, h=1024, a=16,
+    336M parameters) at sequence length ``seq`` on a ``memory``-byte GPU, ``reserve`` kept for the CUDA context,
+    workspace and fragmentation. Model states: ``train/memory.memory_budget`` (fp32 weights, gradients, LAMB state with
+    the ZeRO share, DeepSpeed's buckets; ``buckets`` overrides the bucket sizes). Activations per sequence under
+    autocast, no recomputation: s*h*L*(38 + 5*a*s/h) bytes -- Korthikanti et al. 2022, Eq. 2 with t=1 (34, all 16-bit)
+    plus 4 for the two LayerNorms' fp32 inputs -- and the MLM head on 20 (seq 128) / 80 (seq 512) predicted positions:
+    p*V*(2 + 4) bytes (fp16 logits, fp32 loss).
     """
-    layers, hidden, heads, params, vocab = 24, 1024, 16, 336e6, 30522
-    states = params * (4 + grad_bytes_per_param + state_bytes_per_param)
+    layers, hidden, heads, params, vocab = 24, 1024, 16, 336_000_000, 30522
+    states = memory_budget(params, world_size, zero_stage, **buckets)
     predictions = 20 if seq <= 128 else 80
-    per_sequence = seq * hidden * layers * (34 + 5 * heads * seq / hidden) + predictions * vocab * 6
-    return states / GIB, int((memory - reserve - states) // per_sequence)
+    per_sequence = seq * hidden * layers * (38 + 5 * heads * seq / hidden) + predictions * vocab * 6
+    return states, int((memory - reserve - sum(states.values())) // per_sequence)
 
 
 def report(best: dict[str, dict], args: argparse.Namespace) -> None:
     params = best["zero0"]["parameters"]
     print(f"\nBERT hidden {args.hidden}, {args.layers} layers: {params / 1e6:.2f}M parameters, 2 ranks, fp32, CPU")
-    print(f"{'config':22} {'state MiB/rank':>14} {'B/param':>8} {'step s':>8} {'ratio code s':>12}")
+    print(f"{'config':22} {'state MiB/rank':>14} {'B/param':>8} {'budget':>8} {'step s':>8} {'ratio code s':>12}")
     for name, entry in best.items():
         total = entry["state"]["total"]
-        print(f"{name:22} {total / 2**20:14.2f} {total / params:8.2f} {entry['step_seconds']:8.3f} "
-              f"{entry['trust_ratio_seconds']:12.4f}")
+        budget = memory_budget(params, 2, int(name[4]))["optimizer_state"]
+        print(f"{name:22} {total / 2**20:14.2f} {total / params:8.2f} {budget / params:8.2f} "
+              f"{entry['step_seconds']:8.3f} {entry['trust_ratio_seconds']:12.4f}")
     for stage in ("zero1", "zero2"):
         exact, plain = best[stage], best[f"{stage} per-partition"]
         print(f"{stage}: step time exact / per-partition = {exact['step_seconds'] / plain['step_seconds']:.3f}; "
               f"trust-ratio code (norms + all-reduce) = {exact['trust_ratio_seconds'] / exact['step_seconds']:.2%} "
               "of the step")
-    # Mixed precision on a V100 has fp32 moments exactly as measured here; ZeRO 1/2 add an fp32 master partition
-    # (counted in the measurement), ZeRO 2 also shards the fp32 gradients (4/N B/param; computed, N=2).
-    print("\nComputed, not measured: BERT-large (336M) on a 16 GB V100, optimizer state B/param as measured on 2 ranks")
+    print(json.dumps({"measured": best, "computed_bert_large_v100_16gb": bert_large_table()}, default=str))
+
+
+def bert_large_table() -> dict:
+    """The computed BERT-large rows, printed: engine defaults, and DeepSpeed's default 5e8-element buckets."""
+    print("\nComputed, not measured: BERT-large (336M) on a 16 GB V100, 2 ranks (train/memory.py + activations)")
     table = {}
-    for name, grads in (("zero0", 4.0), ("zero1", 4.0), ("zero2", 2.0)):
-        per_param = best[name]["state"]["total"] / params
-        row = {seq: bert_large_micro_batch(per_param, grads, seq) for seq in (128, 512)}
-        table[name] = {str(seq): {"model_state_gib": round(gib, 2), "micro_batch": mb} for seq, (gib, mb) in
-                       row.items()}
-        print(f"  {name}: model states {row[128][0]:.2f} GiB -> micro-batch {row[128][1]} at seq 128, "
-              f"{row[512][1]} at seq 512")
-    print(json.dumps({"measured": best, "computed_bert_large_v100_16gb": table}, default=str))
+    deepspeed_defaults = {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
+    for zero_stage in (0, 1, 2):
+        for label, buckets in (("engine defaults", {}), ("DeepSpeed's 5e8 buckets", deepspeed_defaults)):
+            if zero_stage == 0 and buckets:
+                continue  # ZeRO 0 has no configurable bucket
+            rows = {seq: bert_large_micro_batch(zero_stage, seq, **buckets) for seq in (128, 512)}
+            states = rows[128][0]
+            table[f"zero{zero_stage} {label}"] = {
+                "model_state_gib": {key: round(value / GIB, 2) for key, value in states.items()},
+                "micro_batch": {str(seq): row[1] for seq, row in rows.items()}}
+            print(f"  zero{zero_stage} ({label}): {' + '.join(f'{k} {v / GIB:.2f}' for k, v in states.items())} "
+                  f"= {sum(states.values()) / GIB:.2f} GiB -> micro-batch {rows[128][1]} at seq 128, "
+                  f"{rows[512][1]} at seq 512")
+    return table
 
 
 def main() -> None:
@@ -156,7 +170,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--computed-only", action="store_true", help="only the computed BERT-large table")
     args = parser.parse_args()
+    if args.computed_only:
+        bert_large_table()
+        return
     if "RANK" not in os.environ:
         sys.exit(launch(sys.argv[1:]))
     import logging

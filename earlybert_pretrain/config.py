@@ -109,6 +109,10 @@ class SearchConfig:
 class EngineConfig:
     precision: Precision = "auto"
     zero_stage: int = 0  # 0-2 (LAMB per-tensor exact under 1/2: train/zero_lamb.py); 3 refused with LAMB
+    # ZeRO 1/2 buckets, in elements (fp32: 4 bytes each; budget in train/memory.py). DeepSpeed's 5e8 allocates 2 GB;
+    # 5e7 (200 MB) still holds BERT's largest tensor (30,522 x 1,024 embeddings) and moves 200 MB per call
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
     compile: bool = False  # torch.compile the encoder
     checkpoint_every: int = 200
     keep_checkpoints: int = 2

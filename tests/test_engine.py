@@ -28,6 +28,7 @@ from earlybert_pretrain.train.engine import (
     describe_runtime,
     resolve_precision,
 )
+from earlybert_pretrain.train.memory import memory_budget
 from earlybert_pretrain.train.optim import build_optimizer
 from earlybert_pretrain.train.schedules import build_scheduler
 
@@ -88,9 +89,13 @@ def test_resolve_precision():
         resolve_precision("int8", CPU)
 
 
-@pytest.mark.parametrize("has_bf16", [True, False])
-def test_resolve_precision_on_gpus_with_and_without_bf16(monkeypatch, has_bf16):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: has_bf16)
+@pytest.mark.parametrize("capability", [(7, 0), (8, 0), (9, 0)])
+def test_resolve_precision_on_gpus_with_and_without_bf16(monkeypatch, capability):
+    """A V100 (sm_70) passes torch's bf16 probe by emulation: the decision is the compute capability."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+                        or capability >= (8, 0))
+    has_bf16 = capability >= (8, 0)
     gpu = torch.device("cuda", 0)
     assert resolve_precision("auto", gpu) == ("bf16" if has_bf16 else "fp16")  # V100: fp16 with loss scaling
     assert resolve_precision("fp16", gpu) == "fp16"
@@ -118,6 +123,35 @@ def test_deepspeed_config_derives_accumulation_and_refuses_bad_settings():
     assert deepspeed_config(64, 8, 1, "bf16", 1.0, 2, "adamw")["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="resolve"):
         deepspeed_config(64, 8, 1, "auto", 1.0, 0, "lamb")
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_zero_buckets_come_from_the_engine_config_and_are_allocated_as_budgeted(single_process_dist, zero_stage):
+    """DeepSpeed's 5e8-element default reduce bucket (2 GB of fp32) is never used: the config always names both
+    sizes, the ZeRO optimizer takes them, and the reduce bucket it allocates is the bytes memory_budget counts."""
+    config = deepspeed_config(8, 2, 1, "fp32", 1.0, zero_stage, "lamb")
+    assert config["zero_optimization"] == {"stage": zero_stage, "reduce_bucket_size": 50_000_000,
+                                           "allgather_bucket_size": 50_000_000}
+    with pytest.raises(ConfigError, match=r"^engine.reduce_bucket_size: expected .* >= 1, got 0$"):
+        deepspeed_config(8, 2, 1, "fp32", 1.0, zero_stage, "lamb", reduce_bucket_size=0)
+    with pytest.raises(ConfigError, match=r"^engine.allgather_bucket_size: expected an even number .* got 1001$"):
+        deepspeed_config(8, 2, 1, "fp32", 1.0, zero_stage, "lamb", allgather_bucket_size=1001)
+    model = tiny_model(dropout=0.1)
+    optimizer, _ = build_optimizer(model, OptimizerConfig(), 2e-2, zero_stage=zero_stage)
+    engine = build_engine(model, optimizer, None, deepspeed_config(8, 2, 1, "fp32", 1.0, zero_stage, "lamb",
+                                                                   reduce_bucket_size=3000, allgather_bucket_size=1000))
+    allocated, setup = set(), engine.optimizer.setup_buckets
+
+    def recording_setup() -> None:  # the buckets live during the backward pass only: look from inside it
+        setup()
+        allocated.add(tuple(buffer.numel() * buffer.element_size()
+                            for bucket in engine.optimizer.ipg_buckets.values() for buffer in bucket.buffer))
+    engine.optimizer.setup_buckets = recording_setup
+    engine.backward(engine(**batches(1, 2)[0]).loss)
+    parameters = sum(p.numel() for p in model.parameters())
+    assert allocated == {(4 * 3000,)} and engine.optimizer.allgather_bucket_size == 1000
+    assert memory_budget(parameters, 1, zero_stage, 3000, 1000)["buckets"] == 4 * (3000 + 1000)
+    engine.destroy()
 
 
 def test_gradient_accumulation_equals_one_big_batch_and_a_plain_loop(single_process_dist):

@@ -4,16 +4,21 @@ fp16 autocast path (GradScaler) runs here too, though ``resolve_precision`` keep
 
 import importlib.util
 import statistics
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from earlybert_pretrain.config import OptimizerConfig, SearchConfig
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.tickets.draw import draw_ticket
 from earlybert_pretrain.tickets.search import SlimmingSearch
 from earlybert_pretrain.tickets.ticket import Ticket
+from earlybert_pretrain.train.engine import loss_scaler
 from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageSettings
 
 CPU = torch.device("cpu")
@@ -131,11 +136,13 @@ def test_bf16_accumulates_eight_micro_batches_in_fp32(single_process_dist):
     assert max(new.values()) < max(old.values()), (new, old)
 
 
-def test_fp16_runs_autocast_with_dynamic_loss_scaling_and_resumes_its_scale(single_process_dist, tmp_path):
-    model = tiny_model()
-    with Stage.build(model, settings("fp16", tmp_path), Runtime(0, 1, CPU, "fp16")) as stage:
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_fp16_runs_autocast_with_dynamic_loss_scaling_and_resumes_its_scale(single_process_dist, tmp_path,
+                                                                             zero_stage):
+    fp16 = StageSettings(**{**vars(settings("fp16", tmp_path)), "zero_stage": zero_stage})
+    with Stage.build(tiny_model(), fp16, Runtime(0, 1, CPU, "fp16")) as stage:
         description = stage.description
-        scaler = stage.engine.torch_autocast_z0_gradscaler
+        scaler = loss_scaler(stage.engine)
         scaler.load_state_dict({**scaler.state_dict(), "scale": 1024.0})  # not the default 2^16
         result = stage.run(open_batches, 4)  # checkpoint at step 3
         assert all(param.dtype == torch.float32 for param in stage.module.parameters())
@@ -143,16 +150,31 @@ def test_fp16_runs_autocast_with_dynamic_loss_scaling_and_resumes_its_scale(sing
     assert description["precision_path"] == ("fp16 autocast over fp32 parameters, dynamic loss scaling, "
                                              "fp32 gradient accumulation")
     assert result.steps == 4 and all(map(torch.isfinite, torch.tensor(result.losses)))
-    with Stage.build(tiny_model(), settings("fp16", tmp_path), Runtime(0, 1, CPU, "fp16")) as stage:
-        assert stage.engine.torch_autocast_z0_gradscaler.get_scale() == 2.0 ** 16
-        assert stage.resume() and stage.engine.torch_autocast_z0_gradscaler.get_scale() == 1024.0
+    with Stage.build(tiny_model(), fp16, Runtime(0, 1, CPU, "fp16")) as stage:
+        assert loss_scaler(stage.engine).get_scale() == 2.0 ** 16
+        assert stage.resume() and loss_scaler(stage.engine).get_scale() == 1024.0
 
 
-def test_fp16_overflow_skips_the_update_and_holds_the_lr_schedule(single_process_dist):
+def test_fp16_under_zero_keeps_dynamic_loss_scaling_when_it_resumes_an_fp32_checkpoint(single_process_dist, tmp_path):
+    """engine.precision=auto resolves per machine, so a run can be resumed in another precision: DeepSpeed's ZeRO
+    checkpoint carries its writer's static loss scaler (1.0), which must not replace fp16's dynamic one."""
+    run = StageSettings(**{**vars(settings("resumable", tmp_path)), "zero_stage": 2})
+    with Stage.build(tiny_model(), run, Runtime(0, 1, CPU, "fp32")) as stage:
+        stage.run(open_batches, 4)  # checkpoint at step 3
+    with Stage.build(tiny_model(), run, Runtime(0, 1, CPU, "fp16")) as stage:
+        assert stage.resume() and stage.step == 3
+        assert loss_scaler(stage.engine).get_scale() == 2.0 ** 16
+        stage.run(open_batches, 4)
+        assert loss_scaler(stage.engine).get_scale() == 2.0 ** 16 and stage.engine.skipped_steps == 0
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_fp16_overflow_skips_the_update_and_holds_the_lr_schedule(single_process_dist, zero_stage):
     """A step whose scaled gradients overflow leaves the weights and the schedule where they were (DeepSpeed's rule
-    for its own fp16 optimizers); the next step runs at the lr the skipped one would have used."""
+    for its own fp16 optimizers) and halves the scale; the next step runs at the lr the skipped one would have used.
+    Under ZeRO 1/2 the old GradScaler hook-up skipped the step but never halved the scale."""
     def run_one_step(stage: Stage, scale: float) -> float:
-        scaler = stage.engine.torch_autocast_z0_gradscaler
+        scaler = loss_scaler(stage.engine)
         scaler.load_state_dict({**scaler.state_dict(), "scale": scale})
         lr = stage.engine.get_lr()[0]
         stage.train_step(next(batches))
@@ -164,30 +186,92 @@ def test_fp16_overflow_skips_the_update_and_holds_the_lr_schedule(single_process
             yield [next(stream) for _ in range(4)]
 
     batches = micro_batches(0)
-    poly = StageSettings(**{**vars(settings("fp16")), "schedule": Schedule(total_steps=STEPS, warmup=0.5)})
+    poly = StageSettings(**{**vars(settings("fp16")), "schedule": Schedule(total_steps=STEPS, warmup=0.5),
+                            "zero_stage": zero_stage})
     with Stage.build(tiny_model(), poly, Runtime(0, 1, CPU, "fp16")) as stage:
         before = {name: p.detach().clone() for name, p in stage.module.named_parameters()}
         first_lr = run_one_step(stage, 2.0 ** 40)  # fp16 activations' gradients overflow at this scale
         assert stage.engine.optimizer.overflow and stage.engine.skipped_steps == 1
-        assert stage.engine.torch_autocast_z0_gradscaler.get_scale() == 2.0 ** 39
+        assert loss_scaler(stage.engine).get_scale() == 2.0 ** 39
         assert all(torch.equal(before[name], p) for name, p in stage.module.named_parameters())
         assert stage.engine.get_lr()[0] == first_lr > 0
         run_one_step(stage, 1024.0)
         assert not stage.engine.optimizer.overflow and stage.engine.skipped_steps == 1
+        assert loss_scaler(stage.engine).get_scale() == 1024.0
         assert not all(torch.equal(before[name], p) for name, p in stage.module.named_parameters())
         assert stage.engine.get_lr()[0] > first_lr  # warmup moved on by one step, not two
 
 
-def test_fp16_training_stays_near_its_fp32_twin(single_process_dist):
-    """6 steps of fp16 autocast + loss scaling against the same 6 in fp32 (measured 2.0e-3 relative, worst tensor;
-    bf16's 8-bit mantissa gives 5.1e-2 here): the scaled, unscaled and clipped gradients are the fp32 ones."""
-    def trained(precision: str) -> dict[str, torch.Tensor]:
-        with Stage.build(tiny_model(), settings(precision), Runtime(0, 1, CPU, precision)) as stage:
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_fp16_training_stays_near_its_fp32_twin(single_process_dist, zero_stage):
+    """6 steps of fp16 autocast + loss scaling against the same 6 in fp32 at the same ZeRO stage (measured 2.0e-3
+    relative, worst tensor, slimming coefficients included, at every stage; bf16's 8-bit mantissa gives 5.1e-2 here):
+    the scaled, unscaled and clipped gradients are the fp32 ones, and so is the logged grad norm (ZeRO 1/2 report
+    it; measured 0.68 in both, 46,305 = 0.68 x 2^16 before the ZeRO fix, whose updates were ~1/65,536 too small)."""
+    def trained(precision: str) -> tuple[dict[str, torch.Tensor], float | None]:
+        run = StageSettings(**{**vars(settings(precision)), "zero_stage": zero_stage})
+        with Stage.build(tiny_model(), run, Runtime(0, 1, CPU, precision)) as stage:
             stage.run(open_batches, STEPS)
-            return {name: p.detach().clone() for name, p in stage.module.named_parameters()}
+            norm = stage.engine.get_global_grad_norm()
+            return ({name: p.detach().clone() for name, p in stage.module.named_parameters()},
+                    None if norm is None else float(norm))
 
-    fp32, fp16 = trained("fp32"), trained("fp16")
+    (fp32, fp32_norm), (fp16, fp16_norm) = trained("fp32"), trained("fp16")
     errors = {name: float((fp16[name] - fp32[name]).norm() / fp32[name].norm()) for name in fp32
               if not name.endswith("key.bias")}  # its gradient is 0 in exact arithmetic: rounding noise only
+    assert any(name.endswith("coefficients") for name in errors)
     assert max(errors.values()) < 1e-2, max(errors.items(), key=lambda item: item[1])
     assert max(errors.values()) > 0  # fp16 really ran
+    if zero_stage:  # DeepSpeed reports no grad norm at ZeRO 0 with a client optimizer
+        assert fp16_norm == pytest.approx(fp32_norm, rel=1e-2)
+
+
+class ApexLikeFusedLayerNorm(nn.LayerNorm):
+    """A stand-in for apex's FusedLayerNorm as it runs on CUDA (apex is not installed here): under autocast it casts
+    input, weight and bias to the autocast dtype and runs the kernel in that dtype, autocast off (apex's
+    ``fused_layer_norm_affine`` with ``_cast_if_autocast_enabled``)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(input.device.type):
+            dtype = torch.get_autocast_dtype(input.device.type)
+            input, weight, bias = input.to(dtype), weight.to(dtype), bias.to(dtype)
+        with torch.autocast(input.device.type, enabled=False):
+            return F.layer_norm(input, self.normalized_shape, weight, bias, self.eps)
+
+
+ApexLikeFusedLayerNorm.__name__ = "FusedLayerNorm"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_is_fp32_under_autocast_with_apex_and_torch_kernels(monkeypatch, dtype):
+    """Every LayerNorm (embeddings, 2 per layer, MLM head) returns fp32 under autocast, and its gradients are those of
+    torch's LayerNorm in fp32: apex's kernel (a stand-in that casts as apex does) gives bit-identical gradients to the
+    torch kernel. Dropout on, the same masks for both (same seed)."""
+    def trained(kernel: str) -> tuple[list[torch.dtype], dict[str, torch.Tensor], list[str]]:
+        with monkeypatch.context() as patch:
+            if kernel == "apex":
+                apex, normalization = types.ModuleType("apex"), types.ModuleType("apex.normalization")
+                normalization.FusedLayerNorm, apex.normalization = ApexLikeFusedLayerNorm, normalization
+                patch.setitem(sys.modules, "apex", apex)
+                patch.setitem(sys.modules, "apex.normalization", normalization)
+                patch.setattr(torch.cuda, "is_available", lambda: True)
+            torch.manual_seed(0)
+            model = BertForPreTraining(BertConfig(
+                vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                max_position_embeddings=16, slimming=True))
+        norms = [module for module in model.modules() if "LayerNorm" in type(module).__name__]
+        dtypes = []
+        for norm in norms:
+            norm.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=dtype):
+            model(**next(open_batches(0))).loss.backward()
+        return dtypes, {name: p.grad for name, p in model.named_parameters()}, [type(n).__name__ for n in norms]
+
+    apex_dtypes, apex_grads, apex_names = trained("apex")
+    torch_dtypes, torch_grads, torch_names = trained("torch")
+    assert apex_names == ["Fp32FusedLayerNorm"] * 6 and torch_names == ["Fp32LayerNorm"] * 6
+    assert apex_dtypes == torch_dtypes == [torch.float32] * 6
+    assert all(grad.dtype == torch.float32 for grad in apex_grads.values())
+    assert all(torch.equal(apex_grads[name], torch_grads[name]) for name in torch_grads)

@@ -22,6 +22,7 @@ from earlybert_pretrain.errors import ConfigError
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.train import optim
 from earlybert_pretrain.train.engine import deepspeed_config
+from earlybert_pretrain.train.memory import memory_budget
 from earlybert_pretrain.train.optim import build_optimizer
 from earlybert_pretrain.train.zero_lamb import _fragments
 
@@ -91,11 +92,20 @@ def test_zero_1_and_2_lamb_equal_zero_0_and_per_partition_lamb_does_not(compared
         assert set(decayed_on_rank0) & set(decayed_on_rank1), f"{name}: no tensor split between ranks"
     assert worst_relative_error(compared["zero2_per_partition"]["weights"], reference) > 1e-2
 
-    state = {name: run["timing"]["optimizer_state_bytes"] for name, run in compared.items()}
+    state = {name: compared[name]["timing"]["optimizer_state_bytes"] for name in ("zero0", "zero1", "zero2")}
     assert state["zero0"]["master_weights"] == 0  # fp32 at ZeRO 0: LAMB steps the module's own parameters
     for name in ("zero1", "zero2"):  # each rank keeps about half the moments, plus its fp32 partition
         assert 0.45 < state[name]["moments"] / state["zero0"]["moments"] < 0.55
         assert state[name]["master_weights"] == state[name]["moments"] // 2
+
+
+@pytest.mark.slow
+def test_memory_budget_counts_the_optimizer_state_deepspeed_allocates(compared):
+    """LAMB's moments and, under ZeRO 1/2, DeepSpeed's fp32 master partition, as measured on each of 2 ranks."""
+    for name, zero_stage in (("zero0", 0), ("zero1", 1), ("zero2", 2), ("zero2_fp16", 2)):
+        run = compared[name]
+        budget = memory_budget(run["parameters"], 2, zero_stage)
+        assert run["timing"]["optimizer_state_bytes"]["total"] == budget["optimizer_state"], name
 
 
 @pytest.mark.slow
@@ -109,6 +119,27 @@ def test_bf16_zero_2_lamb_follows_bf16_zero_0(compared):
     state = compared["zero2_bf16"]["timing"]["optimizer_state_bytes"]
     assert 0.45 < state["moments"] / compared["zero0_bf16"]["timing"]["optimizer_state_bytes"]["moments"] < 0.55
     assert compared["zero2_bf16"]["timing"]["runtime"]["precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_fp16_zero_1_and_2_follow_fp32_and_skip_an_overflow_on_every_rank(compared):
+    """fp16 autocast + dynamic loss scaling under ZeRO 1/2 on 2 ranks stays within the ZeRO-0 fp16 test's bound of
+    the fp32 run (tests/test_precision.py; measured 1.6e-3 at both stages), slimming coefficients included, and logs
+    the unscaled grad norm (1.66, as fp32). An overflowing step is skipped on both ranks, which keep their weights and
+    halve their scale. With DeepSpeed's GradScaler hook-up: relative error 1.0 (the weights hardly moved), grad norm
+    122,254, and the scale stayed at 2^40 after the overflow."""
+    fp32 = compared["zero0"]
+    for name in ("zero1_fp16", "zero2_fp16"):
+        run = compared[name]
+        assert any(key.endswith("coefficients") for key in run["weights"]), name
+        error = worst_relative_error(run["weights"], fp32["weights"])
+        assert 0 < error < 1e-2, (name, error)
+        assert run["grad_norm"] == pytest.approx(compared["zero1"]["grad_norm"], rel=1e-2), name
+        assert run["skipped_steps"] == 0 and len(set(run["digests"])) == 1, name
+        assert run["timing"]["runtime"]["precision_path"] == ("fp16 autocast over fp32 parameters, dynamic loss "
+                                                              "scaling, fp32 gradient accumulation")
+    overflow = compared["zero2_fp16_overflow"]
+    assert overflow == {"skipped_by_rank": [1, 1], "scale_by_rank": [2.0**39] * 2, "unchanged_by_rank": [True] * 2}
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """One rank of the 2-rank ZeRO LAMB checks (launched by tests/test_zero_lamb.py with RANK / WORLD_SIZE / MASTER_*).
 
 ``compare OUT``: the same 10 steps (uneven pruned geometry, accumulation 2, clipping) at ZeRO 0, 1, 2, 2 with
-round-robin partitions, 2 with DeepSpeed's per-partition ratios, and ZeRO 0 and 2 in bf16; rank 0 saves every
+round-robin partitions, 2 with DeepSpeed's per-partition ratios, ZeRO 0 and 2 in bf16 and ZeRO 1 and 2 in fp16
+(autocast + loss scaling on the CPU twin of the GPU path), then one overflowing fp16 ZeRO-2 step; rank 0 saves every
 run's final weights and optimizer-state bytes to OUT. A wider model trains first, so the runs are later, smaller
 engines in one process.
 ``train OUT CKPT``: ZeRO 2, checkpoints every 5 steps, resumed from CKPT when one is there, then handed off to a
@@ -20,7 +21,7 @@ import earlybert_pretrain.train.stage as stage_module
 from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.train.distributed import from_every_rank
-from earlybert_pretrain.train.engine import init_distributed, resolve_precision
+from earlybert_pretrain.train.engine import init_distributed, loss_scaler, resolve_precision
 from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageSettings
 
 STEPS = 10
@@ -78,9 +79,11 @@ def compare(runtime: Runtime, out: Path) -> None:
     results = {}
     plain_config = stage_module.deepspeed_config
     for name, zero_stage in (("zero0", 0), ("zero1", 1), ("zero2", 2), ("zero2_round_robin", 2),
-                             ("zero2_per_partition", 2), ("zero0_bf16", 0), ("zero2_bf16", 2)):
+                             ("zero2_per_partition", 2), ("zero0_bf16", 0), ("zero2_bf16", 2), ("zero1_fp16", 1),
+                             ("zero2_fp16", 2)):
         stage_module.deepspeed_config = with_round_robin(plain_config) if "round_robin" in name else plain_config
-        on = dataclasses.replace(runtime, precision="bf16") if name.endswith("bf16") else runtime
+        precision = name.rpartition("_")[2]
+        on = dataclasses.replace(runtime, precision=precision) if precision in ("bf16", "fp16") else runtime
         with Stage.build(model(), settings(name, zero_stage), on) as stage:
             if name == "zero2_per_partition":  # what DeepSpeed gives a plain LAMB: one ratio per flat partition
                 stage.engine.optimizer.optimizer.partition_layouts = {}
@@ -88,10 +91,26 @@ def compare(runtime: Runtime, out: Path) -> None:
             results[name] = {"weights": weights(stage), "timing": result.timing,
                              "digests": result.parameter_digests_by_rank, "parameters": result.parameters,
                              "optimizer_parameters": result.optimizer_parameters,
-                             "tensors_by_rank": from_every_rank(tensors_in_partition(stage))}
+                             "tensors_by_rank": from_every_rank(tensors_in_partition(stage)),
+                             "grad_norm": float(stage.engine.get_global_grad_norm() or 0.0),
+                             "skipped_steps": stage.engine.skipped_steps}
     stage_module.deepspeed_config = plain_config
+    results["zero2_fp16_overflow"] = overflow_step(runtime)
     if runtime.is_main:
         torch.save(results, out)
+
+
+def overflow_step(runtime: Runtime) -> dict:
+    """fp16 under ZeRO 2: one step at loss scale 2^40 overflows; what each rank did about it."""
+    with Stage.build(model(), settings("overflow", 2), dataclasses.replace(runtime, precision="fp16")) as stage:
+        before = weights(stage)
+        scaler = loss_scaler(stage.engine)
+        scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**40})
+        batches = batches_from(runtime.rank)(0)
+        stage.train_step([next(batches) for _ in range(stage.accumulation_steps)])
+        unchanged = all(torch.equal(tensor, before[name]) for name, tensor in weights(stage).items())
+        return {"skipped_by_rank": from_every_rank(stage.engine.skipped_steps),
+                "scale_by_rank": from_every_rank(scaler.get_scale()), "unchanged_by_rank": from_every_rank(unchanged)}
 
 
 def optimizer_state(stage: Stage) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ parameters and training FLOPs per component; the ticket report uses them to pred
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
@@ -129,15 +130,34 @@ class PreTrainingOutput:
 
 
 def make_layer_norm(hidden_size: int, eps: float, fused: bool) -> nn.Module:
-    """Apex FusedLayerNorm when asked for, installed and CUDA is present; else PyTorch's LayerNorm (same parameters)."""
+    """Apex FusedLayerNorm when asked for, installed and CUDA is present; else PyTorch's LayerNorm (same parameters).
+    Either runs in fp32 under autocast (``_in_fp32``)."""
+    kernel: type[nn.Module] = nn.LayerNorm
     if fused and torch.cuda.is_available():
         try:
             from apex.normalization import FusedLayerNorm
         except ImportError:
             pass
         else:
-            return FusedLayerNorm(hidden_size, eps=eps)
-    return nn.LayerNorm(hidden_size, eps=eps)
+            kernel = FusedLayerNorm
+    return _in_fp32(kernel)(hidden_size, eps=eps)
+
+
+@functools.cache
+def _in_fp32(kernel: type[nn.Module]) -> type[nn.Module]:
+    """``kernel`` with autocast off and its input in the parameters' dtype, so under bf16/fp16 autocast (fp32
+    parameters) its output and its parameters' gradients are fp32. Needed on every path: apex's FusedLayerNorm casts
+    input, weight and bias to the autocast dtype (its ``_cast_if_autocast_enabled``), and CPU autocast runs torch's
+    layer_norm in the input's dtype (CUDA autocast keeps it fp32). The residual stream and the LayerNorm weights are
+    thus never rounded to half precision."""
+
+    class InFp32(kernel):
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(input.device.type, enabled=False):
+                return super().forward(input.to(self.weight.dtype))
+
+    InFp32.__name__ = InFp32.__qualname__ = f"Fp32{kernel.__name__}"  # names the kernel in the run log
+    return InFp32
 
 
 class BertEmbeddings(nn.Module):

@@ -119,7 +119,8 @@ def validate(cfg: PretrainConfig, world_size: int) -> None:
                            f"warmup={phase.warmup}")
         try:
             deepspeed_config(phase.global_batch_size, phase.micro_batch_size, world_size, "fp32",
-                             cfg.optimizer.grad_clip, cfg.engine.zero_stage, cfg.optimizer.name)
+                             cfg.optimizer.grad_clip, cfg.engine.zero_stage, cfg.optimizer.name,
+                             cfg.engine.reduce_bucket_size, cfg.engine.allgather_bucket_size)
         except ConfigError as err:
             raise RunError(f"{name}: {err}") from None
     check_vocab(cfg.data.shard_dir, cfg.model.vocab_size)
@@ -167,6 +168,7 @@ def stage_settings(run: Run, stage: str, phase: PhaseConfig, schedule_steps: int
         micro_batch_size=phase.micro_batch_size, optimizer=cfg.optimizer, lr=phase.lr,
         schedule=Schedule(schedule_steps, phase.warmup, "warmup_poly", cfg.optimizer.decay_power),
         grad_clip=cfg.optimizer.grad_clip, zero_stage=cfg.engine.zero_stage, compile=cfg.engine.compile,
+        reduce_bucket_size=cfg.engine.reduce_bucket_size, allgather_bucket_size=cfg.engine.allgather_bucket_size,
         checkpoint_dir=run.layout.checkpoints, checkpoint_every=cfg.engine.checkpoint_every,
         keep_checkpoints=cfg.engine.keep_checkpoints, log_every=cfg.engine.log_every)
 

@@ -2,7 +2,8 @@
 
 Precision: bf16 and fp16 run as autocast over fp32 parameters (DeepSpeed's ``torch_autocast`` section), so gradients
 accumulate in the parameters' fp32 ``.grad`` and the slimming coefficients a ticket is drawn from stay fp32; fp16
-adds dynamic loss scaling (DeepSpeed's ZeRO-0 ``torch.amp.GradScaler``). DeepSpeed's own ``bf16`` / ``fp16`` sections
+adds dynamic loss scaling (DeepSpeed's ZeRO-0 ``torch.amp.GradScaler``; under ZeRO 1/2 the ZeRO optimizer's own
+fp16 machinery with ``ZeroDynamicLossScale``). DeepSpeed's own ``bf16`` / ``fp16`` sections
 are off: at ZeRO 0 they make the parameters and ``.grad`` half precision, so micro-batches accumulate in bf16/fp16
 (measured in benchmarks/accumulation.py), and ``grad_accum_dtype=fp32`` is refused there.
 
@@ -34,20 +35,27 @@ logger = logging.getLogger(__name__)
 PRECISIONS = typing.get_args(Precision)
 
 
+def _has_bf16_units(device: torch.device) -> bool:
+    """bf16 in hardware: compute capability >= 8.0 (Ampere, Hopper). Not ``torch.cuda.is_bf16_supported()``: by
+    default it counts emulation and says yes on a V100 (sm_70), where bf16 runs emulated and slow."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    """fp32 | bf16 | fp16 for ``device``. ``auto``: bf16 on CUDA GPUs with bf16 (Ampere, Hopper), fp16 with dynamic loss
-    scaling on older ones (V100 has no bf16), fp32 on the CPU (bf16 is emulated, hence slower, on CPUs without AMX)."""
+    """fp32 | bf16 | fp16 for ``device``. ``auto``: bf16 on CUDA GPUs with bf16 units (compute capability >= 8.0:
+    Ampere, Hopper), fp16 with dynamic loss scaling on older ones (V100), fp32 on the CPU (bf16 is emulated, hence
+    slower, on CPUs without AMX)."""
     if requested not in PRECISIONS:
         raise ConfigError(f"engine.precision: expected one of {', '.join(PRECISIONS)}, got {requested!r}")
     on_cuda = torch.device(device).type == "cuda"
     if requested == "auto":
         if not on_cuda:
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if _has_bf16_units(device) else "fp16"
     if requested == "fp16" and not on_cuda:
         raise ConfigError("engine.precision=fp16: training on the CPU does not support fp16; use engine.precision=bf16 "
                           "(or fp32) there (fp16 with loss scaling is for GPUs without bf16, e.g. V100)")
-    if requested == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+    if requested == "bf16" and on_cuda and not _has_bf16_units(device):
         raise ConfigError("engine.precision=bf16: this GPU has no bf16 (e.g. V100); use engine.precision=fp16")
     return requested
 
@@ -61,8 +69,11 @@ def evaluation_autocast(precision: str, device: torch.device | str) -> contextli
 
 
 def deepspeed_config(global_batch_size: int, micro_batch_size: int, world_size: int, precision: str,
-                     grad_clip: float, zero_stage: int, optimizer_name: str) -> dict:
-    """The DeepSpeed JSON config for one phase; gradient accumulation = global / (micro * world size)."""
+                     grad_clip: float, zero_stage: int, optimizer_name: str,
+                     reduce_bucket_size: int = EngineConfig.reduce_bucket_size,
+                     allgather_bucket_size: int = EngineConfig.allgather_bucket_size) -> dict:
+    """The DeepSpeed JSON config for one phase; gradient accumulation = global / (micro * world size). The ZeRO
+    bucket sizes (elements) are always set, never DeepSpeed's defaults (train/memory.py counts them)."""
     if global_batch_size < 1 or micro_batch_size < 1 or world_size < 1:
         raise ConfigError(f"batch sizes and world size must be >= 1, got global_batch_size={global_batch_size}, "
                                 f"micro_batch_size={micro_batch_size}, world_size={world_size}")
@@ -84,12 +95,18 @@ def deepspeed_config(global_batch_size: int, micro_batch_size: int, world_size: 
             "engine.zero_stage=1 or 2 (exact per-tensor LAMB), or optimizer.name=adamw")
     if grad_clip < 0:
         raise ConfigError(f"optimizer.grad_clip must be >= 0 (0 = off), got {grad_clip}")
+    if reduce_bucket_size < 1:
+        raise ConfigError(f"engine.reduce_bucket_size: expected a number of elements >= 1, got {reduce_bucket_size}")
+    if allgather_bucket_size < 2 or allgather_bucket_size % 2:  # DeepSpeed aligns all-gather shards to 2 elements
+        raise ConfigError(f"engine.allgather_bucket_size: expected an even number of elements >= 2, got "
+                          f"{allgather_bucket_size}")
     return {
         "train_batch_size": global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": global_batch_size // per_step,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": reduce_bucket_size,
+                              "allgather_bucket_size": allgather_bucket_size},
         "zero_allow_untested_optimizer": True,  # our client optimizers under ZeRO (LAMB made exact in zero_lamb.py)
         **_precision_sections(precision),
         "steps_per_print": 10**9,  # our own log lines; DeepSpeed's would interleave with them
@@ -172,6 +189,10 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
     make_lamb_exact_under_zero(engine)  # ZeRO 1/2: per-tensor trust ratios over the flat partitions
     if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
         engine.torch_autocast_z0_gradscaler = SkipReportingGradScaler(engine.optimizer, device=engine.device.type)
+    if getattr(engine.optimizer, "torch_autocast_gradscaler", None) is not None:
+        _scale_inside_zero(engine.optimizer)
+    if engine.zero_optimization_stage() in (1, 2):
+        _keep_loss_scaler_on_load(engine.optimizer)
     return engine
 
 
@@ -196,6 +217,72 @@ class SkipReportingGradScaler(torch.amp.GradScaler):
         self.optimizer.overflow = new_scale is None and self.get_scale() < before
 
 
+class ZeroDynamicLossScale:
+    """fp16 under ZeRO 1/2: the dynamic loss scale of DeepSpeed's ZeRO optimizer, by torch's GradScaler rule (2^16 at
+    the start, halved on an overflow, doubled after 2,000 steps without one), which the stage logs and checkpoints.
+
+    It speaks DeepSpeed's loss-scaler protocol (``cur_scale``, ``dynamic``, ``scale_loss``, ``update_scale``; the
+    ZeRO optimizer pickles it into its checkpoint, so it stays importable here) and GradScaler's (``get_scale``,
+    ``state_dict``, ``load_state_dict``) for ``Stage``. The ZeRO step calls ``update_scale`` before it unscales the
+    gradients, so a doubling takes effect at the next step's first ``scale_loss``: the step that earned it is
+    unscaled by the scale its gradients carry.
+    """
+
+    dynamic = True
+
+    def __init__(self, scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.cur_scale, self.growth_interval, self.clean_steps = float(scale), growth_interval, 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.clean_steps == self.growth_interval:
+            self.cur_scale, self.clean_steps = self.cur_scale * 2.0, 0
+        return loss * self.cur_scale
+
+    def update_scale(self, overflow: bool) -> None:
+        if overflow:  # the ZeRO optimizer skips this step (DeepSpeed then holds the lr schedule)
+            self.cur_scale, self.clean_steps = self.cur_scale / 2.0, 0
+        else:
+            self.clean_steps += 1
+
+    def get_scale(self) -> float:
+        """The scale the next step's loss is multiplied by."""
+        return self.cur_scale * (2.0 if self.clean_steps == self.growth_interval else 1.0)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.get_scale(), "clean_steps": self.clean_steps % self.growth_interval}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cur_scale, self.clean_steps = float(state["scale"]), int(state["clean_steps"])
+
+
+def _scale_inside_zero(zero_optimizer) -> None:
+    """fp16 autocast under ZeRO 1/2: loss scaling by the ZeRO optimizer's own fp16 machinery, not the GradScaler
+    DeepSpeed hands it. Its step does not fit a GradScaler (deepspeed runtime/zero/stage_1_and_2.py, 0.19.8): it
+    clips with its own loss scale (1.0 for fp32 parameters) while the gradients still carry the GradScaler's 2^16, so
+    the update shrank ~65,536-fold; on overflow it returns before the GradScaler's update(), so the scale never backed
+    off; and it updated the scale once per param group. Its own machinery checks every rank's partition for inf/nan
+    (all-reduced), skips the step and backs the scale off, unscales together with clipping and reports the grad norm
+    unscaled. DeepSpeed switches that machinery off for fp32 parameters (autocast), hence the settings below."""
+    zero_optimizer.torch_autocast_gradscaler = None
+    zero_optimizer.loss_scaler = ZeroDynamicLossScale()
+    zero_optimizer.dynamic_loss_scale = True
+    zero_optimizer.check_grad_overflow = True
+
+
+def _keep_loss_scaler_on_load(zero_optimizer) -> None:
+    """A ZeRO 1/2 checkpoint carries its writer's loss scaler (pickled), and loading it would replace this engine's:
+    ``engine.precision=auto`` resolves per machine, so an fp32/bf16 checkpoint resumed in fp16 would train without
+    loss scaling. The scaler stays this engine's; ``Stage.resume`` restores an fp16 scale from the client state."""
+    load = zero_optimizer.load_state_dict
+
+    def load_state_dict(*args, **kwargs):
+        own = zero_optimizer.loss_scaler
+        load(*args, **kwargs)
+        zero_optimizer.loss_scaler = own
+
+    zero_optimizer.load_state_dict = load_state_dict
+
+
 def _forget_earlier_autocast() -> None:
     """DeepSpeed records the last autocast engine's dtype in module globals that its ZeRO optimizers read (an fp16
     one adds a GradScaler); an engine without autocast built later in the same process must not inherit them."""
@@ -204,10 +291,12 @@ def _forget_earlier_autocast() -> None:
     torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
 
 
-def loss_scaler(engine) -> torch.amp.GradScaler | None:
-    """fp16's dynamic loss scaler (DeepSpeed's ZeRO-0 autocast GradScaler, or its ZeRO optimizer's); None otherwise."""
-    return (getattr(engine, "torch_autocast_z0_gradscaler", None)
-            or getattr(engine.optimizer, "torch_autocast_gradscaler", None))
+def loss_scaler(engine) -> torch.amp.GradScaler | ZeroDynamicLossScale | None:
+    """fp16's dynamic loss scale: the ZeRO-0 GradScaler, or the ZeRO 1/2 optimizer's ``ZeroDynamicLossScale``; None
+    otherwise."""
+    scale = getattr(engine.optimizer, "loss_scaler", None)
+    return getattr(engine, "torch_autocast_z0_gradscaler", None) or (
+        scale if isinstance(scale, ZeroDynamicLossScale) else None)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -234,7 +323,7 @@ def _precision(engine) -> str:
 
 def _layer_norm_kernel(model: nn.Module) -> str:
     names = {type(module).__name__ for module in model.modules() if "LayerNorm" in type(module).__name__}
-    if "FusedLayerNorm" in names:
+    if any("FusedLayerNorm" in name for name in names):  # Fp32FusedLayerNorm (model/bert.py)
         return "apex-fused-layer-norm"
     return "torch-native-layer-norm" if names else "none"
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from earlybert_pretrain.config import OptimizerConfig
+from earlybert_pretrain.config import EngineConfig, OptimizerConfig
 from earlybert_pretrain.errors import RunError
 from earlybert_pretrain.train.checkpoint import (
     capture_rng_state,
@@ -88,6 +88,8 @@ class StageSettings:
     schedule: Schedule
     grad_clip: float
     zero_stage: int = 0
+    reduce_bucket_size: int = EngineConfig.reduce_bucket_size  # ZeRO 1/2, elements (train/memory.py)
+    allgather_bucket_size: int = EngineConfig.allgather_bucket_size
     compile: bool = False
     checkpoint_dir: Path | None = None  # None: this stage keeps no checkpoints
     checkpoint_every: int = 200
@@ -190,7 +192,8 @@ class Stage:
             model.bert_model().encoder.compile()
         engine = build_engine(model, optimizer, scheduler, deepspeed_config(
             settings.global_batch_size, settings.micro_batch_size, runtime.world_size, runtime.precision,
-            settings.grad_clip, settings.zero_stage, settings.optimizer.name))
+            settings.grad_clip, settings.zero_stage, settings.optimizer.name, settings.reduce_bucket_size,
+            settings.allgather_bucket_size))
         return cls(engine, settings, runtime, kernel, tensorboard)
 
     def __enter__(self) -> Stage:
