@@ -73,12 +73,14 @@ def restore_rng_state(state: dict) -> None:
 
 def _deepspeed_globals() -> list:
     """The classes DeepSpeed pickles into its checkpoints (ZeRO's stage enum and fragment addresses, the loss
-    scalers): plain records, reconstructed without calling any code of the file's choosing."""
+    scalers, ours under fp16 ZeRO 1/2): plain records, reconstructed without calling any code of the file's choosing."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+    from earlybert_pretrain.train.engine import ZeroDynamicLossScale  # fp16 under ZeRO 1/2: ours, pickled by ZeRO
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler, ZeroDynamicLossScale]
 
 
 class SafeFiles:
