@@ -57,6 +57,7 @@ def test_memory_parts_by_hand_for_bert_base():
     assert parameters == 110_106_428
     memory = dry_run.memory_estimate(cfg, world_size=8, precision="fp16")["phase1"]
     assert memory["weights"] == memory["gradients"] == 4 * parameters and memory["optimizer_state"] == 8 * parameters
+    assert memory["buckets"] == 4 * parameters  # ZeRO 0: DeepSpeed's flat all-reduce copy of the gradients
     b, s, h, f = 64, 128, 768, 3072  # fp16: 2-byte activations, 1-byte dropout masks, no s x s (efficient SDPA)
     per_layer = 2 * s * b * (2 * h + 4 * h) + s * b * h + 2 * s * b * (h + 2 * f) + s * b * h + 2 * 2 * s * b * h
     expected = 2 * s * b * h + s * b * h + 12 * per_layer + 3 * 4 * b * 20 * 30522
@@ -66,7 +67,8 @@ def test_memory_parts_by_hand_for_bert_base():
     sharded = dry_run.memory_estimate(zero, world_size=8, precision="fp16")["phase1"]
     shard = -(-parameters // 8)
     assert sharded["gradients"] == 4 * shard and sharded["optimizer_state"] == 12 * shard
-    assert sharded["buckets"] > 0 and sharded["activations"] == memory["activations"]
+    assert sharded["buckets"] == 4 * (cfg.engine.reduce_bucket_size + cfg.engine.allgather_bucket_size)
+    assert sharded["activations"] == memory["activations"]
     # fp32 doubles the activations and keeps the math kernel's s x s matrices.
     assert dry_run.memory_estimate(cfg, 8, "fp32")["phase1"]["activations"] > 2 * memory["activations"]
 

@@ -6,10 +6,10 @@ rule's counts, which fix the FLOPs), and a per-GPU memory estimate against a nam
 besides the config.
 
 Memory per GPU, in bytes (P parameters, N ranks, b micro-batch, s sequence length, L layers, h hidden):
-* weights 4P (fp32 parameters: bf16/fp16 run as autocast over them), gradients 4P (fp32; ZeRO 2 keeps a 4P/N
-  partition plus the reduce bucket), LAMB's two moments 8P (ZeRO 1/2: DeepSpeed also keeps an fp32 master
-  partition, so 12P/N), DeepSpeed's buckets under ZeRO (4 bytes per element of ``reduce_bucket_size`` and
-  ``allgather_bucket_size``);
+* the model's state, ``train.memory.memory_budget``: weights 4P (fp32 parameters: bf16/fp16 run as autocast over
+  them), gradients 4P (ZeRO 2: a 4P/N partition), LAMB's two moments 8P (ZeRO 1/2: 12P/N with DeepSpeed's fp32
+  master partition), DeepSpeed's buckets (``engine.reduce_bucket_size`` / ``allgather_bucket_size``; ZeRO 0: its
+  flat all-reduce copy);
 * activations stored for the backward pass, per layer, after Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models", Sec. 4.1) generalised to kept heads and FFN widths: with a bytes per
   activation (2 under autocast, 4 in fp32) and 1-byte dropout masks, attention stores a*s*b*(2h + 4k) + s*b*h
@@ -24,7 +24,6 @@ It is an estimate: the real peak depends on the kernels chosen and allocator fra
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import yaml
@@ -34,6 +33,7 @@ from earlybert_pretrain.errors import ConfigError
 from earlybert_pretrain.model.bert import BertConfig, flops_per_token, parameter_counts
 from earlybert_pretrain.pretrain.recipe import phase_steps
 from earlybert_pretrain.tickets.draw import random_ticket
+from earlybert_pretrain.train.memory import memory_budget
 
 GIB = 1024**3
 MIB = 1024**2
@@ -95,17 +95,6 @@ def stage_model(cfg: PretrainConfig, stage: str, geometry: BertConfig) -> BertCo
     return dataclasses.replace(cfg.model, slimming=True) if stage == "search" else geometry
 
 
-def state_bytes(parameters: int, world_size: int, zero_stage: int, reduce_bucket: int, allgather_bucket: int
-                ) -> dict[str, int]:
-    """Weights, gradients, LAMB state and DeepSpeed's buckets on one GPU (see the module docstring)."""
-    shard = math.ceil(parameters / world_size)
-    memory = {"weights": 4 * parameters,
-              "gradients": 4 * parameters if zero_stage < 2 else 4 * shard,
-              "optimizer_state": 8 * parameters if zero_stage == 0 else 12 * shard,
-              "buckets": 0 if zero_stage == 0 else 4 * (reduce_bucket + allgather_bucket)}
-    return memory
-
-
 def activation_bytes(model: BertConfig, micro_batch: int, seq_len: int, max_predictions: int, precision: str,
                      attention_kernel_stores_scores: bool) -> int:
     """Activations one micro-batch stores for its backward pass (see the module docstring)."""
@@ -128,14 +117,12 @@ def memory_estimate(cfg: PretrainConfig, world_size: int, precision: str, micro_
     """Per stage: bytes per GPU by component and the total; ``micro_batches`` overrides the config's per stage."""
     estimates = {}
     geometry = geometry or trained_geometry(cfg)
-    reduce_bucket = getattr(cfg.engine, "reduce_bucket_size", int(5e8))
-    allgather_bucket = getattr(cfg.engine, "allgather_bucket_size", int(5e8))
     for item in plan(cfg, world_size, geometry):
         model = stage_model(cfg, item.name, geometry)
         phase = cfg.phase1 if item.name in ("search", "phase1") else cfg.phase2
         micro = (micro_batches or {}).get(item.name, item.micro_batch_size)
-        memory = state_bytes(parameter_counts(model)["total"], world_size, cfg.engine.zero_stage, reduce_bucket,
-                             allgather_bucket)
+        memory = memory_budget(parameter_counts(model)["total"], world_size, cfg.engine.zero_stage,
+                               cfg.engine.reduce_bucket_size, cfg.engine.allgather_bucket_size)
         memory["activations"] = activation_bytes(model, micro, item.seq_len, phase.max_predictions, precision,
                                                  attention_kernel_stores_scores=precision == "fp32")
         memory["cuda_reserve"] = CUDA_RESERVE
