@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_finetune_data import MINILM, MNLI_HEADER, _mnli_rows, _squad_file
+from minilm import MINILM, needs_minilm
+from test_finetune_data import MNLI_HEADER, _mnli_rows, _squad_file
 from test_finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl, write_tsv
 
 from earlybert_pretrain.finetune.cli import main
@@ -170,6 +171,7 @@ def test_cli_bad_input_one_clear_error(tiny, tmp_path):
     assert not (tmp_path / "z").exists()  # refused before anything ran
 
 
+@needs_minilm
 def test_real_pretrained_bert_learns_handwritten_sentiment(tmp_path):
     """MiniLM (6 layers, 384 hidden, real pretrained weights) on 140 hand-written sentences, scored on 60 others."""
     rows = [json.loads(line) for line in (REPO / "tests/data/finetune_sentiment.jsonl").read_text().splitlines()]
