@@ -17,25 +17,33 @@ from earlybert_pretrain.train.schedules import build_scheduler, linear_warmup_de
 BETAS, EPS = (0.9, 0.999), 1e-6
 
 
-def reference_lamb(weights, grads_per_step, decays, lr, use_nvlamb):
-    """You et al. 2020 (Alg. 2) with Adam bias correction and decoupled decay, one tensor at a time, in float64."""
-    weights = [w.double().clone() for w in weights]
-    m = [torch.zeros_like(w) for w in weights]
-    v = [torch.zeros_like(w) for w in weights]
+def reference_lamb_step(weights, grads, moments, step, decays, lr, use_nvlamb):
+    """One step of You et al. 2020 (Alg. 2) with Adam bias correction and decoupled decay, one tensor at a time, in
+    float64; ``moments`` is a list of (m, v) pairs (zeros before step 1), replaced in place; returns the weights."""
     b1, b2 = BETAS
+    updated = []
+    for i, (w, g, decay) in enumerate(zip(weights, grads, decays)):
+        w, g = w.double(), g.double()
+        m, v = moments[i]
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        moments[i] = (m, v)
+        m_hat, v_hat = m / (1 - b1**step), v / (1 - b2**step)
+        update = m_hat / (v_hat.sqrt() + EPS) + decay * w
+        ratio = 1.0
+        if use_nvlamb or decay != 0:
+            w_norm, u_norm = w.norm().item(), update.norm().item()
+            if w_norm > 0 and u_norm > 0:
+                ratio = w_norm / u_norm
+        updated.append(w - lr * ratio * update)
+    return updated
+
+
+def reference_lamb(weights, grads_per_step, decays, lr, use_nvlamb):
+    weights = [w.double().clone() for w in weights]
+    moments = [(torch.zeros_like(w), torch.zeros_like(w)) for w in weights]
     for t, grads in enumerate(grads_per_step, start=1):
-        for i, (w, g, decay) in enumerate(zip(weights, grads, decays)):
-            g = g.double()
-            m[i] = b1 * m[i] + (1 - b1) * g
-            v[i] = b2 * v[i] + (1 - b2) * g * g
-            m_hat, v_hat = m[i] / (1 - b1**t), v[i] / (1 - b2**t)
-            update = m_hat / (v_hat.sqrt() + EPS) + decay * w
-            ratio = 1.0
-            if use_nvlamb or decay != 0:
-                w_norm, u_norm = w.norm().item(), update.norm().item()
-                if w_norm > 0 and u_norm > 0:
-                    ratio = w_norm / u_norm
-            weights[i] = w - lr * ratio * update
+        weights = reference_lamb_step(weights, grads, moments, t, decays, lr, use_nvlamb)
     return weights
 
 
