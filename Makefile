@@ -24,8 +24,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: lint
-	@# pytest's exit code 5 means "no tests ran": a failure here.
-	$(PY) -m pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then echo "error: no tests ran"; exit 1; fi; exit $$rc
+	@# pytest's exit code 5 means "no tests ran": a failure here. -p randomly: a new random test order each run (the
+	@# seed is printed at the end; the suite must pass in any order).
+	$(PY) -m pytest -q -ra -p randomly; rc=$$?; if [ $$rc -eq 5 ]; then echo "error: no tests ran"; exit 1; fi; exit $$rc
 
 demo: $(STAMP)
 	$(PY) -m earlybert_pretrain.demo

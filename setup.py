@@ -29,7 +29,7 @@ setup(
         "mwparserfromhell==0.7.2",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.5", "scipy>=1.10", "scikit-learn>=1.3"],
+        "test": ["pytest>=8", "pytest-randomly>=3.15", "ruff>=0.5", "scipy>=1.10", "scikit-learn>=1.3"],
     },
     entry_points={
         "console_scripts": [

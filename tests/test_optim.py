@@ -4,6 +4,7 @@ import math
 import sys
 import types
 
+import apex_fused_lamb
 import pytest
 import torch
 
@@ -16,25 +17,33 @@ from earlybert_pretrain.train.schedules import build_scheduler, linear_warmup_de
 BETAS, EPS = (0.9, 0.999), 1e-6
 
 
-def reference_lamb(weights, grads_per_step, decays, lr, use_nvlamb):
-    """You et al. 2020 (Alg. 2) with Adam bias correction and decoupled decay, one tensor at a time, in float64."""
-    weights = [w.double().clone() for w in weights]
-    m = [torch.zeros_like(w) for w in weights]
-    v = [torch.zeros_like(w) for w in weights]
+def reference_lamb_step(weights, grads, moments, step, decays, lr, use_nvlamb):
+    """One step of You et al. 2020 (Alg. 2) with Adam bias correction and decoupled decay, one tensor at a time, in
+    float64; ``moments`` is a list of (m, v) pairs (zeros before step 1), replaced in place; returns the weights."""
     b1, b2 = BETAS
+    updated = []
+    for i, (w, g, decay) in enumerate(zip(weights, grads, decays)):
+        w, g = w.double(), g.double()
+        m, v = moments[i]
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        moments[i] = (m, v)
+        m_hat, v_hat = m / (1 - b1**step), v / (1 - b2**step)
+        update = m_hat / (v_hat.sqrt() + EPS) + decay * w
+        ratio = 1.0
+        if use_nvlamb or decay != 0:
+            w_norm, u_norm = w.norm().item(), update.norm().item()
+            if w_norm > 0 and u_norm > 0:
+                ratio = w_norm / u_norm
+        updated.append(w - lr * ratio * update)
+    return updated
+
+
+def reference_lamb(weights, grads_per_step, decays, lr, use_nvlamb):
+    weights = [w.double().clone() for w in weights]
+    moments = [(torch.zeros_like(w), torch.zeros_like(w)) for w in weights]
     for t, grads in enumerate(grads_per_step, start=1):
-        for i, (w, g, decay) in enumerate(zip(weights, grads, decays)):
-            g = g.double()
-            m[i] = b1 * m[i] + (1 - b1) * g
-            v[i] = b2 * v[i] + (1 - b2) * g * g
-            m_hat, v_hat = m[i] / (1 - b1**t), v[i] / (1 - b2**t)
-            update = m_hat / (v_hat.sqrt() + EPS) + decay * w
-            ratio = 1.0
-            if use_nvlamb or decay != 0:
-                w_norm, u_norm = w.norm().item(), update.norm().item()
-                if w_norm > 0 and u_norm > 0:
-                    ratio = w_norm / u_norm
-            weights[i] = w - lr * ratio * update
+        weights = reference_lamb_step(weights, grads, moments, t, decays, lr, use_nvlamb)
     return weights
 
 
@@ -95,53 +104,10 @@ def test_lamb_state_dict_round_trip_continues_identically():
         assert torch.equal(p, s)
 
 
-class ApexFusedLambTwin(torch.optim.Optimizer):
-    """apex.optimizers.FusedLAMB transcribed from csrc/multi_tensor_lamb.cu (every flag honoured), for CPU tests."""
-
-    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
-                 amsgrad=False, adam_w_mode=True, grad_averaging=True, set_grad_none=True, max_grad_norm=1.0,
-                 use_nvlamb=False):
-        defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
-                        grad_averaging=grad_averaging, max_grad_norm=max_grad_norm)
-        super().__init__(params, defaults)
-        self.adam_w_mode, self.use_nvlamb = adam_w_mode, use_nvlamb
-        self.received = dict(defaults, adam_w_mode=adam_w_mode, use_nvlamb=use_nvlamb)
-
-    @torch.no_grad()
-    def step(self):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        global_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
-        max_norm = self.defaults["max_grad_norm"]
-        clip = global_norm / max_norm if global_norm > max_norm else 1.0
-        for group in self.param_groups:
-            group["step"] = group.get("step", 0) + 1
-            b1, b2 = group["betas"]
-            c1, c2 = (1 - b1 ** group["step"], 1 - b2 ** group["step"]) if group["bias_correction"] else (1.0, 1.0)
-            b3 = 1 - b1 if group["grad_averaging"] else 1.0
-            decay = group["weight_decay"]
-            for p in group["params"]:
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                g = p.grad / clip
-                if not self.adam_w_mode:
-                    g = g + decay * p
-                state["exp_avg"].mul_(b1).add_(b3 * g)
-                state["exp_avg_sq"].mul_(b2).add_((1 - b2) * g * g)
-                update = (state["exp_avg"] / c1) / ((state["exp_avg_sq"] / c2).sqrt() + group["eps"])
-                if self.adam_w_mode:
-                    update = update + decay * p
-                ratio = group["lr"]
-                if self.use_nvlamb or decay != 0:
-                    p_norm, u_norm = p.norm().item(), update.norm().item()
-                    ratio = group["lr"] * p_norm / u_norm if p_norm != 0 and u_norm != 0 else group["lr"]
-                p.sub_(ratio * update)
-
-
 @pytest.fixture
 def fake_apex(monkeypatch):
     apex, apex_optimizers = types.ModuleType("apex"), types.ModuleType("apex.optimizers")
-    apex_optimizers.FusedLAMB = ApexFusedLambTwin
+    apex_optimizers.FusedLAMB = apex_fused_lamb.FusedLAMB
     apex.optimizers = apex_optimizers
     monkeypatch.setitem(sys.modules, "apex", apex)
     monkeypatch.setitem(sys.modules, "apex.optimizers", apex_optimizers)
@@ -152,11 +118,12 @@ def fake_apex(monkeypatch):
 def tiny_model(slimming=False, seed=0):
     torch.manual_seed(seed)
     return BertForPreTraining(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=24, max_position_embeddings=16, slimming=slimming,
-                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+                                         intermediate_size=24, max_position_embeddings=16, slimming=slimming))
 
 
 def train_with(optimizer, model, steps=4):
+    """A few steps with dropout on (BertConfig's default 0.1): the same seed gives two models the same masks."""
+    torch.manual_seed(2)
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         ids = torch.randint(1, 50, (4, 10), generator=generator)
@@ -168,16 +135,33 @@ def train_with(optimizer, model, steps=4):
 
 
 def test_auto_picks_apex_on_cuda_configured_to_compute_our_lamb(fake_apex):
+    """apex's FusedLAMB (transcribed from its kernel, tests/apex_fused_lamb.py) as we configure it computes our LAMB."""
     model, twin = tiny_model(), tiny_model()
     apex_optimizer, kernel = build_optimizer(model, OptimizerConfig(fused="auto"), lr=0.02)
-    assert kernel == "apex-fused-lamb" and isinstance(apex_optimizer, ApexFusedLambTwin)
-    assert apex_optimizer.received["max_grad_norm"] == math.inf  # the engine clips; the kernel must not clip again
+    assert kernel == "apex-fused-lamb" and isinstance(apex_optimizer, apex_fused_lamb.FusedLAMB)
+    assert apex_optimizer.defaults["max_grad_norm"] == math.inf  # the engine clips; the kernel must not clip again
     ours, ours_kernel = build_optimizer(twin, OptimizerConfig(fused="torch"), lr=0.02)
     assert ours_kernel == "torch-foreach" and isinstance(ours, Lamb)
     train_with(apex_optimizer, model)
     train_with(ours, twin)
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("flag", [{"adam_w_mode": False}, {"grad_averaging": False}, {"bias_correction": False},
+                                  {"use_nvlamb": True}, {"max_grad_norm": 1.0}])
+def test_each_apex_flag_we_set_changes_the_result(flag):
+    """The comparison above is sensitive: apex with any one of _apex_lamb's settings flipped is not our LAMB."""
+    settings = dict(bias_correction=True, grad_averaging=True, adam_w_mode=True, max_grad_norm=math.inf,
+                    use_nvlamb=False)
+    model, twin = tiny_model(), tiny_model()
+    cfg = OptimizerConfig()
+    flipped = apex_fused_lamb.FusedLAMB(weight_decay_groups(model, cfg.weight_decay), lr=0.02, betas=tuple(cfg.betas),
+                                        eps=cfg.eps, weight_decay=cfg.weight_decay, **{**settings, **flag})
+    train_with(flipped, model)
+    train_with(build_optimizer(twin, cfg, lr=0.02)[0], twin)
+    deviation = max((a - b).abs().max().item() for a, b in zip(model.parameters(), twin.parameters()))
+    assert deviation > 1e-4, flag
 
 
 def test_auto_on_cpu_is_ours_and_forcing_an_absent_kernel_is_a_clear_error():
