@@ -1,7 +1,7 @@
 """Resume on two ranks with BERT's dropout on: fine-tuning killed mid-search and mid-epoch (after an evaluation) ends
-with the uninterrupted two-rank run's ticket, losses, scores and weights, bit for bit. Each rank pads its own
-micro-batches to their longest row, so the ranks' dropout draws, and their generators, differ: each rank must get its
-own RNG state back (train.checkpoint), and no DataLoader iterator opened at resume may shift it (train.stage)."""
+with the uninterrupted two-rank run's ticket, losses, scores and weights, bit for bit: no DataLoader iterator opened
+at resume may shift the dropout masks (train.stage). Ranks whose generators differ are covered where train.checkpoint
+keeps every rank's RNG state."""
 
 import signal
 
