@@ -41,7 +41,8 @@ class DataConfig:
     whole_word_masking: bool = False
     # Shard check at load (data_prep.indexed.verify_shard): sizes + sampled blocks, every byte, or sizes only.
     verify: Literal["sample", "full", "sizes"] = "sample"
-    # Processes building micro-batches ahead of the step (0: in the training process), each `prefetch` ahead.
+    # Processes building micro-batches ahead of the step (0: in the training process), each `prefetch` ahead, or
+    # more so that together they hold a whole optimizer step (pretrain.batches.prefetched).
     num_workers: int = 4
     prefetch: int = 2
 

@@ -130,15 +130,20 @@ def test_one_rank_end_to_end(reference, recipe):
 
 
 @pytest.mark.slow
-def test_sigkill_in_search_after_draw_and_in_phase2_resumes_bit_identically(reference, recipe, tmp_path):
+def test_sigkill_anywhere_resumes_bit_identically(reference, recipe, tmp_path):
+    """Dropout on (BERT's 0.1), four data workers, accumulation 2: killed mid-search, right after the draw,
+    mid-phase 1, at the phase boundary and mid-phase 2, the run ends with the uninterrupted run's weights."""
     out = tmp_path / "run"
     args = ["--config", str(recipe), f"output_dir={out}", "--resume"]
-    kills = [r"search step 5/6",  # checkpoint at step 3 is on disk
-             r"phase1: [\d,]+ parameters",  # right after the draw, before phase 1 trains
-             r"phase2 step 4/6"]  # phase 2's checkpoint at step 3 is on disk
-    for kill_on in kills:
+    kills = [(r"search step 5/6", None),  # checkpoint at step 3 is on disk
+             (r"phase1: [\d,]+ parameters", "search: resumed at step 3 of 6"),  # after the draw, before phase 1
+             (r"phase1 step 5/26", None),  # phase 1's checkpoint at step 3 is on disk
+             (r"phase2: [\d,]+ parameters", "phase1: resumed at step 3 of 26"),  # phase 1 done, phase 2 not begun
+             (r"phase2 step 4/6", None)]  # phase 2's checkpoint at step 3 is on disk
+    for kill_on, resumed in kills:
         code, log = run_cli(args, kill_on=kill_on)
         assert code == -signal.SIGKILL, f"the run ended ({code}) before the kill point {kill_on!r}:\n{log[-3000:]}"
+        assert resumed is None or resumed in log, log[-3000:]
     code, log = run_cli(args)
     assert code == 0, log[-3000:]
     assert "phase2: resumed at step 3 of 6" in log

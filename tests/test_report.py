@@ -1,17 +1,34 @@
 """The run report's plot: the series it draws (exact steps, times and losses from the progress records) and a
-report.png that reflects them (this run and the --compare-to runs)."""
+report.png that reflects them (this run and the --compare-to runs); TensorBoard: every tag the README lists, read back
+with its value checked (lr against the schedule, grad norm against an independent norm, mask distance against
+tickets.distance.mask_distance)."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from matplotlib import image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_pretrain import tiny_recipe
 
+from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.errors import RunError
+from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
+from earlybert_pretrain.pretrain import cli as pretrain
 from earlybert_pretrain.pretrain.report import loss_series, write_run_report
+from earlybert_pretrain.tickets.distance import mask_distance
+from earlybert_pretrain.tickets.history import MaskHistory
+from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageSettings
+from earlybert_pretrain.train.telemetry import TensorBoardLogger
+
+pytest_plugins = ["data_fixtures"]  # the session-wide build of the real dump
 
 
 def stage(losses: list[float], seconds: float) -> dict:
@@ -91,3 +108,99 @@ def test_report_gives_the_optimizer_state_per_rank(tmp_path: Path) -> None:
     assert report["stages"]["phase1"]["optimizer_state_bytes_per_rank"] == 3 * 2**20
     assert report["stages"]["phase2"]["optimizer_state_bytes_per_rank"] is None  # a run from before it was kept
     assert "optimizer state per rank: phase1 3.00 MiB\n" in (tmp_path / "run" / "report.txt").read_text()
+
+
+class TensorBoardEvents:
+    """What a run's event files hold: scalars as {tag: {step: value}}, histogram and image tags with their steps."""
+
+    def __init__(self, folder: Path):
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+        events.Reload()
+        tags = events.Tags()
+        self.scalars = {tag: {event.step: event.value for event in events.Scalars(tag)} for tag in tags["scalars"]}
+        self.histograms = {tag: [event.step for event in events.Histograms(tag)] for tag in tags["histograms"]}
+        self.images = {tag: [event.step for event in events.Images(tag)] for tag in tags["images"]}
+
+
+def nvidia_poly_lr(step: int, lr: float, total: int, warmup: float) -> float:
+    """NVIDIA's PolyWarmUpScheduler (power 0.5) at the n-th optimizer step, written out here independently."""
+    progress = step / total
+    return lr * progress / warmup if progress < warmup else lr * (1 - progress) ** 0.5
+
+
+# The README's TensorBoard list (pre-training, fp32): loss, MLM, NSP, L1 (search), lr, grad norm, sequences/s,
+# tokens/s, the Sec. 4.1 timing; coefficient histograms, mask distance and the heatmap of the search.
+STEP_TAGS = ("loss", "mlm_loss", "nsp_loss", "lr", "grad_norm", "sequences_per_second", "tokens_per_second",
+             "step_seconds", "step_wall_seconds", "data_wait_seconds")
+
+
+@pytest.mark.slow
+def test_every_listed_tensorboard_tag_is_written_with_its_value(wiki_build, single_process_dist, tmp_path):
+    """The default configuration (fp32, ZeRO 0, dropout on, accumulation 2, data workers): each tag at every step
+    it belongs to, lr equal to NVIDIA's schedule, mask distances equal to mask_distance of the recorded tickets."""
+    recipe = {**tiny_recipe(wiki_build.shards), "total_steps": 10}
+    recipe["search"] = {**recipe["search"], "steps": 4, "record_every": 1, "early_bird_window": 3}
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "run"
+    assert pretrain.main(["--config", str(config), f"output_dir={out}"]) == 0
+    events = TensorBoardEvents(out / "tensorboard")
+    progress = json.loads((out / "progress.json").read_text())
+    # search: 4 steps on phase 1's schedule (8 dense steps); phases: 80% of NVIDIA's 8 + 2 steps
+    stages = {"search": (4, 8, "phase1"), "phase1": (6, 6, "phase1"), "phase2": (2, 2, "phase2")}
+    for stage, (steps, schedule_steps, phase) in stages.items():
+        assert progress[stage]["steps"] == steps
+        for tag in STEP_TAGS + (("l1",) if stage == "search" else ()):
+            values = events.scalars[f"{stage}/{tag}"]
+            assert sorted(values) == list(range(1, steps + 1)), f"{stage}/{tag}"
+            assert all(math.isfinite(value) for value in values.values()), f"{stage}/{tag}"
+        lr = recipe[phase]["lr"]
+        expected = [nvidia_poly_lr(step, lr, schedule_steps, 0.2843) for step in range(1, steps + 1)]
+        assert list(events.scalars[f"{stage}/lr"].values()) == pytest.approx(expected, rel=1e-6), stage
+        assert all(value > 0 for value in events.scalars[f"{stage}/grad_norm"].values())
+        assert list(events.scalars[f"{stage}/loss"].values()) == pytest.approx(progress[stage]["losses"], rel=1e-6)
+    assert not any(tag.endswith("loss_scale") for tag in events.scalars)  # fp16 only
+
+    history = MaskHistory.load(out / "search" / "mask_history.json")
+    assert history.steps == [1, 2, 3, 4]
+    for index in range(1, 4):  # the detector's distance: the largest to the earlier masks in its window of 3
+        earlier = history.tickets[max(0, index - 2):index]
+        for kind in ("head", "ffn"):
+            expected = max(mask_distance(history.tickets[index], other)[kind] for other in earlier)
+            assert events.scalars[f"search/mask_distance_{kind}"][index + 1] == pytest.approx(expected), kind
+    for kind, layer in ((kind, layer) for kind in ("head", "ffn") for layer in (0, 1)):
+        assert events.histograms[f"search/{kind}_coefficients/layer{layer}"] == [1, 2, 3, 4]
+    assert events.images["search/mask_distance_heatmap"] == [4]
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("fp16", 2e-2)])
+def test_grad_norm_is_the_norm_before_clipping_of_the_averaged_gradient(precision, tolerance, single_process_dist,
+                                                                         tmp_path):
+    """At ZeRO 0 DeepSpeed keeps no gradient norm; the stage's is the global norm of the gradient averaged over the
+    micro-batches, before clipping (clip 1e-3 here, far below it) and, in fp16, without the loss scale (2^16): equal
+    to plain fp32 autograd on a copy of the model with the same dropout masks (fp16 autocast: within 2%)."""
+    torch.manual_seed(0)
+    model = BertForPreTraining(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=48, max_position_embeddings=16))  # BERT's 0.1 dropout
+    generator = torch.Generator().manual_seed(1)
+    micro_batches = []
+    for _ in range(3):
+        ids = torch.randint(1, 64, (2, 12), generator=generator)
+        micro_batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.roll(1, 1),
+                              "next_sentence_label": torch.randint(0, 2, (2,), generator=generator)})
+    reference = copy.deepcopy(model)
+    settings = StageSettings(name="norm", seed=5, global_batch_size=6, micro_batch_size=2,
+                             optimizer=OptimizerConfig(), lr=1e-2, schedule=Schedule(total_steps=1), grad_clip=1e-3)
+    tensorboard = TensorBoardLogger(tmp_path)
+    with Stage.build(model, settings, Runtime(0, 1, torch.device("cpu"), precision), tensorboard) as stage:
+        stage.run(lambda start: iter(micro_batches[start:]), 1)
+    tensorboard.close()
+    logged = TensorBoardEvents(tmp_path).scalars["norm/grad_norm"]
+
+    torch.manual_seed(settings.seed)  # the stage's seed: the same dropout masks
+    for batch in micro_batches:
+        (reference(**batch).loss / len(micro_batches)).backward()
+    norm = math.sqrt(sum(float(param.grad.double().pow(2).sum()) for param in reference.parameters()
+                         if param.grad is not None))
+    assert norm > 10 * settings.grad_clip  # clipping was active: the norm is the one before it
+    assert list(logged) == [1] and logged[1] == pytest.approx(norm, rel=tolerance)

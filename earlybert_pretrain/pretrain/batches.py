@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+import math
 import os
 import signal
 import sys
@@ -338,10 +339,15 @@ def _die_with_trainer(trainer_pid: int, worker_id: int) -> None:
         os._exit(0)
 
 
-def prefetched(stream: PretrainingBatches, num_workers: int, prefetch: int,
-               pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """The stream's micro-batches from ``stream.samples_consumed`` on, built ``prefetch`` per worker ahead by
-    ``num_workers`` processes (0: in this process), pinned when ``pin_memory``.
+def prefetched(stream: PretrainingBatches, num_workers: int, prefetch: int, pin_memory: bool = False,
+               step_batches: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """The stream's micro-batches from ``stream.samples_consumed`` on, built ahead by ``num_workers`` processes (0: in
+    this process, when asked), pinned when ``pin_memory``.
+
+    Each worker keeps ``prefetch`` micro-batches in flight, or more where the workers together would hold fewer than
+    ``step_batches`` (the micro-batches of one optimizer step, i.e. the gradient accumulation): while a step computes,
+    the workers build the whole next step. Fewer, and most of each step's batches would be built while it waits
+    (8 in flight for 128 micro-batches a step: 94%).
 
     How far the workers ran ahead is never a resume position: a stage reopens its batches from the optimizer
     step it resumes at, and every batch is a pure function of its index.
@@ -350,7 +356,8 @@ def prefetched(stream: PretrainingBatches, num_workers: int, prefetch: int,
         return iter(stream)
     loader = torch.utils.data.DataLoader(
         MicroBatches(stream), batch_size=None, sampler=itertools.count(), num_workers=num_workers,
-        prefetch_factor=prefetch, pin_memory=pin_memory, persistent_workers=False,
+        prefetch_factor=max(prefetch, math.ceil(step_batches / num_workers)), pin_memory=pin_memory,
+        persistent_workers=False,
         # fork shares the memory-mapped shards and plan (an in-memory plan copy-on-write) instead of pickling them
         multiprocessing_context="fork", worker_init_fn=functools.partial(_die_with_trainer, os.getpid()),
         # a private generator: the loader's base seed must not advance the global torch RNG (dropout)

@@ -193,7 +193,9 @@ def train_stage(run: Run, stage: str, model: BertForPreTraining, phase: PhaseCon
             start_sample=micro_batches_done * phase.micro_batch_size * run.runtime.world_size,
             plan_cache=run.layout.plans)  # built once by rank 0, memory-mapped by every rank
         first_samples["by_rank"] = from_every_rank(stream.batch_indices(stream.samples_consumed))
-        return prefetched(stream, data.num_workers, data.prefetch, pin_memory=run.runtime.device.type == "cuda")
+        accumulation = phase.global_batch_size // (phase.micro_batch_size * run.runtime.world_size)
+        return prefetched(stream, data.num_workers, data.prefetch, pin_memory=run.runtime.device.type == "cuda",
+                          step_batches=accumulation)  # a whole step in flight
 
     with Stage.build(model, stage_settings(run, stage, phase, schedule_steps), run.runtime,
                      run.tensorboard) as built:

@@ -8,20 +8,26 @@ A ``Stage`` owns its engine from build to release, as a context manager::
         save_pretrained(stage.module, folder)               # fp32 weights, whatever the training precision
     # the engine is released here (and on any error), so no caller holds a half-torn-down engine
 
-The step is timed by the paper's protocol (Sec. 4.1): micro-batches are fetched and moved to the device before the
-timer starts; forward, backward, clipping and the optimizer step are inside it. Hooks (``StageHook``) add a loss term
+The step is timed by the paper's protocol (Sec. 4.1): forward, backward, clipping and the optimizer step are inside
+the timer; the waits for micro-batches are not. A step takes its micro-batches one at a time as it needs them, so the
+loader builds the next ones while the current one computes (it keeps a whole step's worth in flight:
+``pretrain.batches.prefetched``). The batch source runs outside the training RNG: whatever it draws (a DataLoader
+iterator draws its base seed from torch's global generator) cannot shift the dropout masks, so a resumed stage, which
+opens its iterators at another step, is the same stage. Hooks (``StageHook``) add a loss term
 (the search's L1 penalty), act after each optimizer step (ticket draws, evaluation, early stop) and carry state
 through checkpoints, so a resumed stage is the same stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
+import itertools
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -150,6 +156,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _outside_training_rng() -> Iterator[None]:
+    """Run the batch source with the global RNGs (Python, NumPy, torch CPU) put back afterwards: a DataLoader draws its
+    base seed from torch's generator when an iterator is built, which a resumed run does at another step; batches are
+    pure functions of their index and draw from their own generators."""
+    python, numpy, torch_cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(torch_cpu)
 
 
 def _free_memory() -> None:
@@ -300,18 +320,15 @@ class Stage:
         a resumed stage reads exactly the batches it would have read.
         """
         self._hooks = hooks
-        settings, device = self.settings, self.runtime.device
-        accumulation = self.accumulation_steps
+        settings, accumulation = self.settings, self.accumulation_steps
         if self.step:
             logger.info("%s: resumed at step %d of %d", settings.name, self.step, steps)
-        batches = open_batches(self.step * accumulation)
+        with _outside_training_rng():
+            batches = open_batches(self.step * accumulation)
         stopped_early = False
         while self.step < steps and not stopped_early:
-            with self.timer.data_wait():  # wall time the step waits for its batches, kept outside the step time
-                micro_batches = [{key: value.to(device, non_blocking=True) for key, value in next(batches).items()}
-                                 for _ in range(accumulation)]
             lr = self.engine.get_lr()[0]  # the lr this step uses (the scheduler moves on inside it)
-            means = self.train_step(micro_batches, hooks)
+            means = self.train_step(itertools.islice(batches, accumulation), hooks)
             if "sdpa_backends" not in self.description:
                 self._describe_attention()
             self.step += 1
@@ -336,22 +353,47 @@ class Stage:
                            sum(p.numel() for p in self.module.parameters()), optimizer_parameters, digests,
                            {**self.timer.summary(), "runtime": self.description, "optimizer_state_bytes": state_bytes})
 
-    def train_step(self, micro_batches: Sequence[Batch], hooks: Sequence[StageHook] = ()) -> dict[str, float]:
-        """One optimizer step over ``micro_batches`` (already on the device), timed; returns the mean loss terms."""
-        real_tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches) * self.runtime.world_size
+    def train_step(self, micro_batches: Iterable[Batch], hooks: Sequence[StageHook] = ()) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (one step's worth), timed; returns the mean loss terms and the
+        gradient norm. Each micro-batch is fetched and moved to the device when the step reaches it, the wait for it
+        timed as data wait; nothing waits on the device before the step's end."""
+        device, source = self.runtime.device, iter(micro_batches)
         terms: list[dict[str, torch.Tensor]] = []
-        with self.timer.step(tokens=real_tokens):  # data fetching stays outside the timed step (Sec. 4.1)
-            for batch in micro_batches:
+        tokens: list[torch.Tensor] = []
+        grad_norm: torch.Tensor | float | None = None
+        with self.timer.step():  # data fetching stays outside the timed step (Sec. 4.1)
+            while True:
+                with self.timer.data_wait(), _outside_training_rng():
+                    batch = next(source, None)
+                    if batch is None:
+                        break
+                    tokens.append(batch["attention_mask"].sum())  # on the host for loader batches: no sync
+                    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
                 output = self.engine(**batch)
                 extra = [term for hook in hooks if (term := hook.extra_loss(self.engine.module)) is not None]
                 loss = output.loss + sum(extra) if extra else output.loss
                 self.engine.backward(loss)
+                if self.settings.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                    grad_norm = self._gradient_norm()  # before the step clips and clears the gradients
                 self.engine.step()
                 values = {"loss": loss, **_loss_terms(output)}
                 if extra:
                     values["l1"] = sum(extra)
                 terms.append({name: value.detach().float() for name, value in values.items()})
-        return {name: torch.stack([t[name] for t in terms]).mean().item() for name in terms[0]}
+        self.timer.count_tokens(int(torch.stack(tokens).sum()) * self.runtime.world_size)
+        if grad_norm is None:  # ZeRO 1/2: the optimizer computed it over its partitions
+            grad_norm = self.engine.get_global_grad_norm()
+        means = {name: torch.stack([t[name] for t in terms]).mean().item() for name in terms[0]}
+        return {**means, "grad_norm": None if grad_norm is None else float(grad_norm)}
+
+    def _gradient_norm(self) -> torch.Tensor:
+        """The global L2 norm of the gradients the optimizer is about to use: averaged over micro-batches and ranks
+        (DeepSpeed has reduced them by now), before clipping, without the fp16 loss scale. DeepSpeed computes it only
+        under ZeRO 1/2 (``get_global_grad_norm`` is None at ZeRO 0). A device tensor: read once the step is done."""
+        grads = [param.grad for param in self.module.parameters() if param.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        scaler = loss_scaler(self.engine)
+        return norm if scaler is None else norm / scaler.get_scale()
 
     def _describe_attention(self) -> None:
         """The SDPA kernels the first step ran, not the ones enabled: our models record what SDPA dispatched to."""
@@ -372,7 +414,7 @@ class Stage:
 
     def _log(self, steps: int, values: dict[str, float]) -> None:
         timer, name = self.timer, self.settings.name
-        values = {**values, "grad_norm": self.engine.get_global_grad_norm(),
+        values = {**values,
                   "loss_scale": scaler.get_scale() if (scaler := loss_scaler(self.engine)) is not None else None,
                   "sequences_per_second": self.engine.train_batch_size() / timer.last_seconds,
                   "tokens_per_second": timer.tokens / timer.total_seconds, "step_seconds": timer.last_seconds,

@@ -19,8 +19,14 @@ import torch
 
 
 class StepTimer:
-    """Accumulates per-step time; ``with timer.step(tokens=n): ...`` wraps exactly one training step and
-    ``with timer.data_wait(): ...`` the fetch of its batches."""
+    """Accumulates per-step time; ``with timer.step(): ...`` wraps exactly one training step and
+    ``with timer.data_wait(): ...`` each fetch of a batch, before the step or inside it.
+
+    A wait inside a step pauses the step's clocks: micro-batches are fetched as the step needs them (the next ones
+    are built while the current one computes), and the time the step waits for one is data I/O, not step time.
+    On CUDA the host's wait is subtracted whole, also where queued device work overlapped it; when the input keeps
+    up the waits are ~0 and there is nothing to subtract.
+    """
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.synchronize = torch.cuda.is_available() and torch.device(device).type == "cuda"
@@ -30,29 +36,38 @@ class StepTimer:
         self.steps = 0
         self.tokens = 0
         self.last_seconds = self.last_wall_seconds = self.last_data_wait_seconds = 0.0
+        self._waited_wall = self._waited_clock = 0.0  # waits since the last step ended (before it and inside it)
 
     @contextlib.contextmanager
-    def step(self, tokens: int = 0) -> Iterator[None]:
+    def step(self) -> Iterator[None]:
         if self.synchronize:
             torch.cuda.synchronize()
         start, wall_start = self._now(), time.perf_counter()
+        waited_wall, waited_clock = self._waited_wall, self._waited_clock
         yield
         if self.synchronize:
             torch.cuda.synchronize()
-        self.last_seconds = self._now() - start
-        self.last_wall_seconds = time.perf_counter() - wall_start
+        self.last_seconds = self._now() - start - (self._waited_clock - waited_clock)
+        self.last_wall_seconds = time.perf_counter() - wall_start - (self._waited_wall - waited_wall)
+        self.last_data_wait_seconds = self._waited_wall
+        self._waited_wall = self._waited_clock = 0.0
         self.total_seconds += self.last_seconds
         self.wall_seconds += self.last_wall_seconds
         self.steps += 1
+
+    def count_tokens(self, tokens: int) -> None:
+        """Real tokens of the last step, added once it is done (a count from device tensors then costs no sync)."""
         self.tokens += tokens
 
     @contextlib.contextmanager
     def data_wait(self) -> Iterator[None]:
-        """Wall time until the step's batches are in hand (and copied to the device): outside the protocol."""
-        start = time.perf_counter()
+        """Wall time until a batch is in hand (and copied to the device): outside the protocol."""
+        start, clock_start = time.perf_counter(), self._now()
         yield
-        self.last_data_wait_seconds = time.perf_counter() - start
-        self.data_wait_seconds += self.last_data_wait_seconds
+        waited = time.perf_counter() - start
+        self._waited_wall += waited
+        self._waited_clock += self._now() - clock_start
+        self.data_wait_seconds += waited
 
     @property
     def mean_step_seconds(self) -> float:
