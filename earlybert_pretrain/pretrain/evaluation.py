@@ -95,13 +95,19 @@ class Validation:
     @classmethod
     def open(cls, cfg: PretrainConfig, runtime: Runtime) -> Validation | None:
         """The run's validation set, or None (said once) when the shards hold no validation split."""
+        where = f"{cfg.data.shard_dir}/manifest.json"
         if not load_manifest(cfg.data.shard_dir)["splits"].get(SPLIT):
-            logger.warning("%s/manifest.json has no validation split: evaluation skipped (earlybert-prep "
-                           "--validation-fraction > 0 makes one)", cfg.data.shard_dir)
+            if runtime.is_main:
+                logger.warning("%s has no validation split: evaluation skipped (earlybert-prep "
+                               "--validation-fraction > 0 makes one)", where)
+            return None
+        corpus = ShardedCorpus(cfg.data.shard_dir, SPLIT, verify=cfg.data.verify)
+        if corpus.doc_sentences.max(initial=0) < 2:  # an example pairs two sentences of one document
+            if runtime.is_main:
+                logger.warning("%s: no validation document has 2 sentences: evaluation skipped", where)
             return None
         lengths = {phase.seq_len: EvalLength(phase.seq_len, phase.max_predictions, phase.micro_batch_size)
                    for phase in (cfg.phase1, cfg.phase2)}
-        corpus = ShardedCorpus(cfg.data.shard_dir, SPLIT, verify=cfg.data.verify)
         return cls.from_corpus(corpus, list(lengths.values()), cfg, runtime)
 
     def local_sums(self, module: nn.Module) -> dict[int, np.ndarray]:
