@@ -166,3 +166,16 @@ def test_validation_series_place_evaluations_on_the_whole_schedule() -> None:
         ("search", 2, 4.0, 0.05), ("phase1", 2, 6.5, 0.2), ("phase1", 3, 8.0, 0.29), ("phase2", 1, 10.0, 0.31)]
     assert time_to_accuracy(points, 0.5, 8.0) == {"dense_accuracy": 0.5, "dense_seconds": 8.0,
                                                   "final_accuracy": 0.31, "reached": False}
+
+
+def test_the_demo_prints_both_runs_validation_and_the_time_to_dense_accuracy(tmp_path: Path) -> None:
+    from earlybert_pretrain.demo import summary
+
+    write_run(tmp_path / "dense", "dense", dense_progress())
+    report = write_run(tmp_path / "early", "earlybert", early_progress([0.2, 0.29], 0.31), [tmp_path / "dense"])
+    assert summary(report).splitlines() == [
+        "validation (final models):",
+        "  earlybert  MLM loss 6.9000  MLM accuracy 0.3100  NSP accuracy 0.5000  (10.0 s, Sec. 4.1)",
+        "  dense      MLM loss 7.0000  MLM accuracy 0.3000  NSP accuracy 0.5000  (8.0 s, Sec. 4.1)",
+        "time to the dense run's final validation MLM accuracy 0.3000: 10.0 s = 1.250 of the dense run's 8.0 s "
+        "(phase2 step 1)"]
