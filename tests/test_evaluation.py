@@ -8,7 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +230,33 @@ def test_prep_never_leaves_the_validation_split_empty(wiki_build, tmp_path) -> N
     assert sum(entry["documents"] for entry in held_out) == round(0.02 * (train_docs + 2)) == 2
     corpus = ShardedCorpus(tmp_path, "validation")
     assert len(corpus.sample_plan(128, 0.1, 1)) > 0  # it makes examples
+
+
+@pytest.mark.slow
+def test_two_launched_ranks_score_what_one_rank_does(wiki_build, corpus, tmp_path) -> None:
+    """Two real ranks (gloo), each scoring its share; the gathered sums equal one in-process rank's score."""
+    from test_multirank import launch
+
+    codes, log = launch([str(wiki_build.shards), str(tmp_path / "scores.json")], program=(__file__,))
+    assert codes == [0, 0], log[-3000:]
+    two = json.loads((tmp_path / "scores.json").read_text())
+    one = Validation.from_corpus(corpus, LENGTHS, config(), runtime()).score(model_for(corpus.vocab_size))
+    assert {key: value for key, value in two.items() if key != "mlm_loss"} == {
+        key: json.loads(json.dumps(value)) for key, value in one.items() if key != "mlm_loss"}
+    assert two["mlm_loss"] == pytest.approx(one["mlm_loss"], rel=1e-6)
+
+
+def score_on_launched_ranks(shards: str, out: str) -> None:
+    """A launched rank: score its share; rank 0 writes the gathered score."""
+    from earlybert_pretrain.train.engine import init_distributed
+
+    rank, world_size, device = init_distributed()
+    corpus = ShardedCorpus(shards, "validation")
+    scores = Validation.from_corpus(corpus, LENGTHS, config(), Runtime(rank, world_size, device, "fp32")).score(
+        model_for(corpus.vocab_size))
+    if rank == 0:
+        Path(out).write_text(json.dumps(scores))
+
+
+if __name__ == "__main__":
+    score_on_launched_ranks(*sys.argv[1:3])
