@@ -119,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    shards = prepare_shards(args.work_dir)
-    per_seed = [train_seed(args.work_dir / args.scale, shards, seed, [*SCALES[args.scale], *args.overrides])
-                for seed in range(1, args.seeds + 1)]
+    try:
+        shards = prepare_shards(args.work_dir)
+        per_seed = [train_seed(args.work_dir / args.scale, shards, seed, [*SCALES[args.scale], *args.overrides])
+                    for seed in range(1, args.seeds + 1)]
+    except subprocess.CalledProcessError as err:  # the run printed its own error above
+        print(f"error: a run failed (exit {err.returncode}); its output is above", file=sys.stderr)
+        return 1
     rows = {mode: row([reports[mode] for reports in per_seed]) for mode in MODES}
     print(table(rows, args.seeds), end="")
     print(f"wall time {time.perf_counter() - started:.0f} s")
