@@ -4,7 +4,9 @@
    ``shards/tokenized/<chunk>.tokens.npy`` + ``.meta.npz`` (per-sentence lengths,
    per-document sentence and token counts, train/validation flag). The meta file is renamed into place last, so
    it marks a finished chunk. A document goes to validation when a hash of (split seed, document id) falls below
-   ``validation_fraction``: stable under reordering and resumption.
+   ``validation_fraction``: stable under reordering and resumption. A fraction > 0 never leaves validation empty:
+   when no hash falls below it (2% of a 106-document sample), the ``max(1, round(fraction x documents))``
+   documents of >= 2 sentences (one-sentence documents make no example) with the lowest hashes go there.
 2. Plan: per split, documents are dealt to shards largest first, each to the shard with the fewest tokens so far
    (LPT scheduling) — balanced to far better than 1% once there are a few dozen documents per shard. Within a
    shard, documents keep dump order.
@@ -57,9 +59,25 @@ def _init_worker(tokenizer_path: str) -> None:
     _tokenizer = BatchTokenizer(Tokenizer.from_file(tokenizer_path))
 
 
-def is_validation(doc_id: str, split_seed: int, fraction: float) -> bool:
+def split_key(doc_id: str, split_seed: int) -> float:
+    """A document's place in [0, 1) for the train/validation split: a hash of (split seed, document id)."""
     digest = hashlib.blake2b(f"{split_seed}:{doc_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64 < fraction
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def is_validation(doc_id: str, split_seed: int, fraction: float) -> bool:
+    return split_key(doc_id, split_seed) < fraction
+
+
+def validation_documents(keys: np.ndarray, sentences: np.ndarray, fraction: float) -> np.ndarray:
+    """Which documents are validation: a key below ``fraction``, or, where that picks none while fraction > 0, the
+    lowest-keyed documents of >= 2 sentences, ``max(1, round(fraction x documents))`` of them, one left to train."""
+    chosen = keys < fraction
+    if fraction > 0 and not chosen.any():
+        usable = np.flatnonzero(sentences >= 2)
+        count = min(max(1, round(fraction * len(keys))), len(usable), len(keys) - 1)
+        chosen[usable[np.argsort(keys[usable], kind="stable")[:count]]] = True
+    return chosen
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -93,13 +111,13 @@ def _tokenize_chunk(task: tuple[Path, Path, int, float, str]) -> str:
     doc_sentences = np.bincount(doc_of_sentence[keep], minlength=len(docs))
     doc_tokens = np.bincount(doc_of_sentence[keep], weights=lengths[keep], minlength=len(docs)).astype(np.int64)
     kept_docs = doc_sentences > 0
-    flags = np.array([is_validation(doc_id, split_seed, fraction) for doc_id, _ in docs], dtype=bool)
+    keys = np.array([split_key(doc_id, split_seed) for doc_id, _ in docs], dtype=np.float64)
     base = scratch / source.stem
     _save_npy(base.with_suffix(".tokens.npy"), tokens.astype(dtype_name))
     _save_npy(base.with_suffix(".lengths.npy"), lengths[keep].astype(np.int32))
     with atomic_path(base.with_suffix(".meta.npz")) as tmp, open(tmp, "wb") as out:
         np.savez(out, doc_sentences=doc_sentences[kept_docs], doc_tokens=doc_tokens[kept_docs],
-                 doc_validation=flags[kept_docs], max_token_id=np.int64(tokens.max() if len(tokens) else -1))
+                 doc_split_key=keys[kept_docs], max_token_id=np.int64(tokens.max() if len(tokens) else -1))
     return source.name
 
 
@@ -123,7 +141,7 @@ class _Chunks:
         self.doc_chunk = np.concatenate([np.full(len(m["doc_tokens"]), i) for i, m in enumerate(meta)])
         self.doc_tokens = np.concatenate([m["doc_tokens"] for m in meta])
         self.doc_sentences = np.concatenate([m["doc_sentences"] for m in meta])
-        self.doc_validation = np.concatenate([m["doc_validation"] for m in meta])
+        self.doc_split_key = np.concatenate([m["doc_split_key"] for m in meta])
         self.max_token_id = max(int(m["max_token_id"]) for m in meta)
         # Where each document starts inside its own chunk's token and sentence-length arrays.
         self.doc_token_start = np.concatenate([np.cumsum(m["doc_tokens"]) - m["doc_tokens"] for m in meta])
@@ -196,7 +214,8 @@ def shard_corpus(
     dtype = token_dtype(len(vocab))
     params = {"format": FORMAT, "input": str(sentences_dir.resolve()), "input_manifest": manifest_digest(upstream),
               "vocab_sha256": vocab_sha, "num_shards": num_shards, "validation_fraction": validation_fraction,
-              "num_validation_shards": num_validation_shards, "split_seed": split_seed}
+              "num_validation_shards": num_validation_shards, "split_seed": split_seed,
+              "validation_rule": "never-empty"}  # shards built when 2% of the sample gave none are rebuilt
     if done := stage_done(out_dir, STAGE, params):
         return done
     scratch = out_dir / SCRATCH
@@ -218,8 +237,9 @@ def shard_corpus(
         raise PrepError(f"{vocab_dir / TOKENIZER_FILE}: produced token id {chunks.max_token_id} >= vocab size "
                         f"{len(vocab)} of {vocab_dir / VOCAB_FILE}")
     tasks, planned = [], {}
+    validation = validation_documents(chunks.doc_split_key, chunks.doc_sentences, validation_fraction)
     for split, count in (("train", num_shards), ("validation", num_validation_shards)):
-        docs = np.flatnonzero(chunks.doc_validation == (split == "validation"))
+        docs = np.flatnonzero(validation == (split == "validation"))
         if len(docs) == 0:
             if split == "train":
                 raise PrepError(f"{sentences_dir}: no training documents (validation fraction {validation_fraction})")

@@ -126,12 +126,24 @@ class EngineConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation during pre-training (pretrain/evaluation.py): every ``every`` optimizer steps (0: only at the end
+    of each stage) and at every stage's end, on ``batches`` micro-batches per sequence length of the validation
+    split, masked with ``seed`` (not the run's), so every mode and seed is scored on the same examples."""
+
+    every: int = 500
+    batches: int = 16
+    seed: int = 2021
+
+
+@dataclass
 class PretrainConfig:
     model: BertConfig = field(default_factory=BertConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     phase2: PhaseConfig = field(default_factory=lambda: PhaseConfig(
         seq_len=512, global_batch_size=32768, micro_batch_size=16, lr=4e-3, warmup=0.128, max_predictions=80))

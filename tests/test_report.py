@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.errors import RunError
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.pretrain import cli as pretrain
-from earlybert_pretrain.pretrain.report import loss_series, write_run_report
+from earlybert_pretrain.pretrain.report import loss_series, time_to_accuracy, validation_series, write_run_report
 from earlybert_pretrain.tickets.distance import mask_distance
 from earlybert_pretrain.tickets.history import MaskHistory
 from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageSettings
@@ -204,3 +205,90 @@ def test_grad_norm_is_the_norm_before_clipping_of_the_averaged_gradient(precisio
                          if param.grad is not None))
     assert norm > 10 * settings.grad_clip  # clipping was active: the norm is the one before it
     assert list(logged) == [1] and logged[1] == pytest.approx(norm, rel=tolerance)
+
+
+def scored(entry: dict, accuracies: list[tuple[int, float, float]]) -> dict:
+    """``entry`` with evaluations at (step, the stage's Sec. 4.1 seconds then, validation MLM accuracy)."""
+    return {**entry, "validation": [{"step": step, "train_seconds": seconds, "mlm_loss": 10 * (1 - accuracy),
+                                     "mlm_accuracy": accuracy, "nsp_accuracy": 0.5, "eval_seconds": 0.5}
+                                    for step, seconds, accuracy in accuracies]}
+
+
+def dense_progress() -> dict:
+    """Dense: 8 s of Sec. 4.1 time, final validation MLM accuracy 0.30."""
+    return {"phase1": scored(stage([9.0, 8.0, 7.0], 6.0), [(2, 4.0, 0.20), (3, 6.0, 0.25)]),
+            "phase2": scored(stage([6.8], 2.0), [(1, 2.0, 0.30)])}
+
+
+def early_progress(phase1: list[float], phase2: float) -> dict:
+    """Search 4 s + draw 1 s, then phase 1 (3 s, scored at 1.5 s and 3 s), phase 2 (2 s, scored at its end)."""
+    progress = earlybert_progress()
+    progress["search"] = scored(progress["search"], [(2, 4.0, 0.05)])
+    progress["phase1"] = scored(progress["phase1"], [(2, 1.5, phase1[0]), (3, 3.0, phase1[1])])
+    progress["phase2"] = scored(progress["phase2"], [(1, 2.0, phase2)])
+    return progress
+
+
+@pytest.mark.parametrize(("phase1", "phase2", "expected"), [
+    ([0.31, 0.33], 0.34, {"reached": True, "stage": "phase1", "step": 2, "seconds": 6.5, "fraction": 6.5 / 8.0}),
+    ([0.28, 0.30], 0.32, {"reached": True, "stage": "phase1", "step": 3, "seconds": 8.0, "fraction": 1.0}),
+    ([0.20, 0.29], 0.31, {"reached": True, "stage": "phase2", "step": 1, "seconds": 10.0, "fraction": 10.0 / 8.0}),
+    ([0.20, 0.29], 0.299, {"reached": False, "final_accuracy": 0.299}),
+])
+def test_time_to_the_dense_accuracy_on_synthetic_curves(tmp_path: Path, phase1, phase2, expected) -> None:
+    """Sec. 4.1 time from the run's start: search 4 s + draw 1 s + the phase's seconds at the evaluation."""
+    write_run(tmp_path / "dense", "dense", dense_progress())
+    report = write_run(tmp_path / "early", "earlybert", early_progress(phase1, phase2), [tmp_path / "dense"])
+    result = report["compare_to"]["time_to_dense_accuracy"]
+    assert result == {"dense_accuracy": 0.30, "dense_seconds": 8.0, "final_accuracy": phase2, **expected}
+    text = (tmp_path / "early" / "report.txt").read_text()
+    if expected["reached"]:
+        assert (f"time to the dense run's final validation MLM accuracy 0.3000: {expected['seconds']:.1f} s = "
+                f"{expected['fraction']:.3f} of the dense run's 8.0 s ({expected['stage']} step {expected['step']})"
+                in text)
+    else:
+        assert ("did not reach the dense run's final validation MLM accuracy 0.3000 (this run's final: 0.2990; "
+                "dense time 8.0 s)") in text
+
+
+def test_report_gives_each_stage_and_every_run_its_validation_scores(tmp_path: Path) -> None:
+    write_run(tmp_path / "dense", "dense", dense_progress())
+    reduced = dense_progress()
+    reduced["phase2"] = scored(stage([7.1], 1.0), [(1, 1.0, 0.27)])
+    write_run(tmp_path / "reduced", "reduced", reduced)
+    report = write_run(tmp_path / "early", "earlybert", early_progress([0.2, 0.29], 0.31),
+                       [tmp_path / "dense", tmp_path / "reduced"])
+    assert report["validation"] == {"stage": "phase2", "step": 1, "mlm_loss": pytest.approx(6.9),
+                                    "mlm_accuracy": 0.31, "nsp_accuracy": 0.5}
+    assert report["stages"]["phase1"]["validation"]["mlm_accuracy"] == 0.29
+    assert report["stages"]["phase1"]["evaluation_seconds"] is None  # the records' own sum is the recipe's
+    assert [row["mode"] for row in report["side_by_side"]] == ["earlybert", "dense", "reduced"]
+    assert [row["validation"]["mlm_accuracy"] for row in report["side_by_side"]] == [0.31, 0.30, 0.27]
+    text = (tmp_path / "early" / "report.txt").read_text()
+    assert "            phase1        3     7.1000        0.2900        0.5000" in text
+    assert re.search(r"reduced \(reduced\) +reduced .* 0\.2700 +0\.5000\n", text)
+    # The accuracy panel draws the evaluations: other accuracies, another picture.
+    other = write_run(tmp_path / "other", "earlybert", early_progress([0.1, 0.15], 0.2),
+                      [tmp_path / "dense", tmp_path / "reduced"])
+    assert not np.array_equal(read_png(Path(report["plot"])), read_png(Path(other["plot"])))
+
+
+def test_validation_series_place_evaluations_on_the_whole_schedule() -> None:
+    points = validation_series(early_progress([0.2, 0.29], 0.31))
+    assert [(p.stage, p.step, p.seconds, p.mlm_accuracy) for p in points] == [
+        ("search", 2, 4.0, 0.05), ("phase1", 2, 6.5, 0.2), ("phase1", 3, 8.0, 0.29), ("phase2", 1, 10.0, 0.31)]
+    assert time_to_accuracy(points, 0.5, 8.0) == {"dense_accuracy": 0.5, "dense_seconds": 8.0,
+                                                  "final_accuracy": 0.31, "reached": False}
+
+
+def test_the_demo_prints_both_runs_validation_and_the_time_to_dense_accuracy(tmp_path: Path) -> None:
+    from earlybert_pretrain.demo import summary
+
+    write_run(tmp_path / "dense", "dense", dense_progress())
+    report = write_run(tmp_path / "early", "earlybert", early_progress([0.2, 0.29], 0.31), [tmp_path / "dense"])
+    assert summary(report).splitlines() == [
+        "validation (final models):",
+        "  earlybert  MLM loss 6.9000  MLM accuracy 0.3100  NSP accuracy 0.5000  (10.0 s, Sec. 4.1)",
+        "  dense      MLM loss 7.0000  MLM accuracy 0.3000  NSP accuracy 0.5000  (8.0 s, Sec. 4.1)",
+        "time to the dense run's final validation MLM accuracy 0.3000: 10.0 s = 1.250 of the dense run's 8.0 s "
+        "(phase2 step 1)"]

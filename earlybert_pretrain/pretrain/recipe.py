@@ -30,6 +30,7 @@ from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
 from earlybert_pretrain.model.hf import copy_tokenizer_files, save_pretrained
 from earlybert_pretrain.pretrain import reduced
 from earlybert_pretrain.pretrain.batches import PretrainingBatches, ShardedCorpus, check_vocab, prefetched
+from earlybert_pretrain.pretrain.evaluation import Validation, ValidationHook
 from earlybert_pretrain.pretrain.layout import RunLayout
 from earlybert_pretrain.pretrain.report import STAGES, render_run_report, write_run_report
 from earlybert_pretrain.tickets.draw import random_ticket
@@ -64,6 +65,7 @@ class Run:
     tensorboard: TensorBoardLogger
     progress: dict  # stage name -> its record (StageResult.to_dict() plus stage extras), as in progress.json
     corpus: ShardedCorpus
+    validation: Validation | None = None  # None: the shards hold no validation split (said once)
 
     @property
     def is_main(self) -> bool:
@@ -101,6 +103,9 @@ def validate(cfg: PretrainConfig, world_size: int) -> None:
     every = {"engine.checkpoint_every": cfg.engine.checkpoint_every, "engine.log_every": cfg.engine.log_every,
              "engine.keep_checkpoints": cfg.engine.keep_checkpoints, "search.record_every": cfg.search.record_every,
              "data.prefetch": cfg.data.prefetch}
+    if cfg.eval.every < 0 or cfg.eval.batches < 1:
+        raise RunError(f"eval: expected every >= 0 (0: only at each stage's end) and batches >= 1, got every="
+                       f"{cfg.eval.every}, batches={cfg.eval.batches}")
     for name, value in every.items():
         if value < 1:
             raise RunError(f"{name}: expected >= 1, got {value}")
@@ -184,6 +189,11 @@ def train_stage(run: Run, stage: str, model: BertForPreTraining, phase: PhaseCon
     checkpoint, else starts from the hand-off ``continue_from`` left (weights + optimizer state); it leaves a
     hand-off of its own, and its fp32 weights in ``save_to`` (HF format), before the engine is released."""
     data, first_samples = run.cfg.data, {}
+    evaluation = None if run.validation is None else ValidationHook(
+        run.validation, run.cfg.eval.every, run.tensorboard,
+        step_offset=sum(run.progress[name].get("steps") or 0 for name in STAGES[:STAGES.index(stage)]
+                        if name in run.progress))
+    hooks = [*hooks, evaluation] if evaluation is not None else hooks
 
     def open_batches(micro_batches_done: int) -> Iterator[dict]:
         stream = PretrainingBatches(
@@ -202,12 +212,17 @@ def train_stage(run: Run, stage: str, model: BertForPreTraining, phase: PhaseCon
         if not built.resume(hooks) and continue_from is not None:
             built.load_handoff(f"{continue_from}_end", geometry(model), with_optimizer=not phase.reset_optimizer)
         result = built.run(open_batches, steps, hooks)
+        if evaluation is not None:  # the stage's end, also after a hook stopped it early
+            evaluation.finish(built)
         if save_to is not None:
             built.save_handoff(f"{stage}_end", geometry(model))
             if run.is_main:
                 save_pretrained(built.module, save_to)
-    return {**result.to_dict(), "samples": result.steps * phase.global_batch_size,
-            "first_samples_by_rank": first_samples["by_rank"]}
+    record = {**result.to_dict(), "samples": result.steps * phase.global_batch_size,
+              "first_samples_by_rank": first_samples["by_rank"]}
+    if evaluation is not None:
+        evaluation.add_to(record)
+    return record
 
 
 def run_search(run: Run, dense_steps: dict[str, int]) -> Ticket:
@@ -351,13 +366,14 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
         corpus = ShardedCorpus(cfg.data.shard_dir, "train", verify=cfg.data.verify)  # corrupt shards: before folder
         layout = RunLayout(Path(cfg.output_dir))
         runtime = Runtime(rank, world_size, device, resolve_precision(cfg.engine.precision, device))
+        validation = Validation.open(cfg, runtime)
         run_folder.check_writable(layout.root)
     # One run per folder: rank 0 holds the folder's lock for the run's life (the OS drops it on a crash).
     with agreed_context(hold_run_lock(layout.root, "pre-training run") if runtime.is_main
                         else contextlib.nullcontext()):
         progress = prepare_output(cfg, layout, resume, overwrite)
         tensorboard = TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main)
-        run = Run(cfg, layout, runtime, tensorboard, progress, corpus)
+        run = Run(cfg, layout, runtime, tensorboard, progress, corpus, validation)
         ticket = obtain_ticket(run, phase_steps(cfg, dense=True))
         train_phases(run, ticket)
         report = None
