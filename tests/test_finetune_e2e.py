@@ -20,6 +20,7 @@ from early_bird_reference import first_converged_step
 from minilm import MINILM, needs_minilm
 from test_finetune_data import MNLI_HEADER, _mnli_rows, _squad_file
 from test_finetune_fixtures import FILLER, NEGATIVE, POSITIVE, make_tiny_model, sentiment_rows, write_jsonl, write_tsv
+from test_pretrain import subprocess_env
 
 from earlybert_pretrain.finetune.cli import main
 from earlybert_pretrain.finetune.models import BertForSequenceClassification
@@ -232,8 +233,9 @@ def test_pretraining_ticket_applies_and_foreign_geometry_is_refused(tiny, tmp_pa
 
 
 def test_cli_bad_input_one_clear_error(tiny, tmp_path):
+    # A fresh process as a user starts it: not the launcher variables of this process's own group.
     result = subprocess.run([sys.executable, "-m", "earlybert_pretrain.finetune.cli", "--task", "imdb", "--model",
-                             str(tiny["model"])], capture_output=True, text=True, cwd=REPO)
+                             str(tiny["model"])], capture_output=True, text=True, cwd=REPO, env=subprocess_env())
     assert result.returncode == 2
     assert "unknown task 'imdb'; known tasks: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, squad" in result.stderr
     no_tokenizer = make_tiny_model(tmp_path / "no_tokenizer")
