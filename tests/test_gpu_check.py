@@ -46,9 +46,28 @@ def test_without_cuda_one_line_and_exit_2():
     ("NVIDIA H200", "fp32", False, 66.9),
     ("NVIDIA H200", "bf16", False, 989.4),
     ("NVIDIA GeForce RTX 4090", "bf16", False, None),
+    ("A100-SXM4-40GB", "bf16", False, 312.0),  # older drivers leave the vendor prefix out
+    ("NVIDIA A100 80GB PCIe", "fp16", False, 312.0),
+    ("Tesla V100S-PCIE-32GB", "fp16", False, 130.0),
+    ("NVIDIA H200 NVL", "bf16", False, 835.0),
+    # names that contain a known one are other GPUs: no peak, no MFU
+    ("NVIDIA RTX A1000", "bf16", False, None),
+    ("NVIDIA RTX A1000 Laptop GPU", "fp32", False, None),
+    ("NVIDIA A100X", "bf16", False, None),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bf16", False, None),
 ])
 def test_peak_table_lookup(name, precision, tf32, peak):
     assert gpu_check.peak_tflops(name, precision, tf32) == peak
+
+
+def test_an_unknown_gpu_gets_a_row_without_mfu():
+    """The run table names the GPU unknown and computes no MFU, where a substring match took an A100's peak."""
+    results = [result(128, "bf16", "dense", 0.100, 1e9)]
+    row = gpu_check.run_table(results, "NVIDIA RTX A1000").splitlines()[2].split(" | ")
+    headers = gpu_check.run_table([], "").splitlines()[0].split(" | ")
+    assert row[headers.index("peak")] == gpu_check.UNKNOWN_GPU and row[headers.index("MFU")] == "n/a"
+    known = gpu_check.run_table(results, "NVIDIA A100-SXM4-80GB").splitlines()[2].split(" | ")
+    assert known[headers.index("peak")] == "312.0" and known[headers.index("MFU")] == "26.3%"  # 8.192e-2 / 312
 
 
 def test_mfu_arithmetic():
@@ -74,6 +93,15 @@ def test_classify_kernels():
         "lamb": "torch foreach (unfused)", "layer_norm": "none seen", "sdpa": "flash (cpu)"}
     assert gpu_check.classify_kernels(["aten::mm"]) == {
         "lamb": "none seen", "layer_norm": "none seen", "sdpa": "none seen"}
+
+
+def test_without_cupti_fused_kernels_read_unknown_not_torch():
+    """A CUDA profile without kernels (no CUPTI) of an apex run shows only the host ops: DeepSpeed's foreach
+    bookkeeping and no LayerNorm op. Those would read as torch foreach and "none seen"; they are unknown instead.
+    The SDPA choice is a host-side aten op and still reads."""
+    host_ops_of_an_apex_run = ["aten::_foreach_mul_", "aten::_scaled_dot_product_flash_attention", "aten::mm"]
+    assert gpu_check.classify_kernels(host_ops_of_an_apex_run, cuda_kernels_recorded=False) == {
+        "lamb": gpu_check.NO_CUPTI, "layer_norm": gpu_check.NO_CUPTI, "sdpa": "flash"}
 
 
 def test_format_table():
