@@ -153,3 +153,38 @@ def test_a_failing_run_becomes_a_note(capsys):
     result = gpu_check.train_or_note(models, spec, Runtime(0, 1, torch.device("cpu"), "fp32"), steps=2, warmup=1)
     assert result.note.startswith("failed: ConfigError: optimizer.fused=apex") and result.step_seconds is None
     assert "Traceback" in capsys.readouterr().err
+
+
+# --- benchmarks/gpu_wheels.py: what the GPU kit installs ---------------------------------------------------------
+
+_wheels_spec = importlib.util.spec_from_file_location("gpu_wheels", ROOT / "benchmarks" / "gpu_wheels.py")
+gpu_wheels = importlib.util.module_from_spec(_wheels_spec)
+_wheels_spec.loader.exec_module(gpu_wheels)
+
+
+def test_every_kit_wheel_is_pinned_to_a_tested_version():
+    versions = gpu_wheels.pins()
+    assert [name for name in gpu_wheels.KIT if name not in versions] == []
+    assert gpu_wheels.wheel_distribution(Path("pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.whl")) == (
+        "pydantic-core")
+
+
+def test_install_adds_only_what_the_machine_lacks(tmp_path, monkeypatch, capsys):
+    """A wheel of an installed distribution (pytest here, any version) is kept out: the machine's own torch / numpy
+    stay; only the missing one goes to pip, offline and without dependencies."""
+    for name in ("pytest-1.0-py3-none-any.whl", "not_installed_here-1.0-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(gpu_wheels.subprocess, "run", lambda args, **kwargs: calls.append(args))
+    assert gpu_wheels.install(tmp_path, tmp_path / "site") == 0
+    (args,) = calls
+    assert args[args.index("install") + 1:] == ["--no-index", "--no-deps", "-q", "--target", str(tmp_path / "site"),
+                                                str(tmp_path / "not_installed_here-1.0-py3-none-any.whl")]
+    assert "already installed, kept: pytest" in capsys.readouterr().out
+
+
+def test_install_refuses_a_machine_without_torch_and_transformers_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_wheels, "installed", lambda name: name not in ("numpy", "transformers"))
+    assert gpu_wheels.install(tmp_path, tmp_path / "site") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lacks numpy, transformers" in err
