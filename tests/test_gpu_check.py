@@ -188,3 +188,16 @@ def test_install_refuses_a_machine_without_torch_and_transformers_in_one_line(tm
     assert gpu_wheels.install(tmp_path, tmp_path / "site") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lacks numpy, transformers" in err
+
+
+@pytest.mark.parametrize("args, env, message", [
+    ([], {}, "gpu_kit: no OUT_DIR given; usage: bash benchmarks/gpu_kit.sh OUT_DIR [--smoke-cpu]"),
+    (["out", "--fast"], {}, "gpu_kit: unknown option --fast; usage: bash benchmarks/gpu_kit.sh OUT_DIR [--smoke-cpu]"),
+    (["out"], {"EARLYBERT_WHEELS": "no-such-folder"}, "gpu_kit: no wheel folder no-such-folder: run 'python "
+     "benchmarks/gpu_wheels.py prepare' where there is network and bring the folder along (git ignores it)"),
+])
+def test_gpu_kit_refuses_bad_calls_in_one_line_and_writes_nothing(tmp_path, args, env, message):
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_kit.sh"), *args], capture_output=True, text=True,
+                            cwd=tmp_path, env={**os.environ, **env}, timeout=60)
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (2, message, "")
+    assert list(tmp_path.iterdir()) == []
