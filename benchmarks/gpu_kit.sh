@@ -9,8 +9,8 @@
 #
 # OUT gets install.log, gpu_tests.log (+ gpu_tests.xml), gpu_check.md (the tables), gpu_check.log (its stderr) and
 # summary.txt; the exit status is 0 when every part passed. Environment: PYTHON (default python3), EARLYBERT_WHEELS
-# (default .whl), KIT_SECONDS (default 480: the whole kit's budget), EARLYBERT_KIT_SITE (where the wheels go;
-# default a fresh folder under TMPDIR, put on PYTHONPATH). DeepSpeed's ops are never compiled (DS_BUILD_OPS=0):
+# (default .whl), KIT_SECONDS (default 480: the whole kit's budget), EARLYBERT_KIT_SITE (where the wheels go, put on
+# PYTHONPATH; default a fresh folder under TMPDIR, removed at the end). DeepSpeed's ops are never compiled (DS_BUILD_OPS=0):
 # the project's fused paths fall back to torch where a kernel is absent.
 set -uo pipefail
 
@@ -38,7 +38,12 @@ if [[ ! -d $wheels ]]; then
 fi
 wheels=$(cd "$wheels" && pwd)
 mkdir -p "$out" || exit 2
-site=${EARLYBERT_KIT_SITE:-$(mktemp -d "${TMPDIR:-/tmp}/earlybert-kit.XXXXXX")}
+if [[ -n ${EARLYBERT_KIT_SITE:-} ]]; then
+    site=$EARLYBERT_KIT_SITE
+else
+    site=$(mktemp -d "${TMPDIR:-/tmp}/earlybert-kit.XXXXXX")
+    trap 'rm -rf "$site"' EXIT  # the kit made it, the kit removes it
+fi
 left() { echo $((budget - (SECONDS - start))); }
 
 : > "$out/summary.txt"
