@@ -11,8 +11,9 @@ tickets.prune.prune) -- it builds the project's training backend (``Stage.build`
 
 * the kernels that ran, read from a profile of one training step: LAMB (apex FusedLAMB / DeepSpeed FusedLamb /
   torch foreach), LayerNorm (apex fused / torch native) and the SDPA backend (flash / mem-efficient / cuDNN / math);
+  without CUPTI (a CUDA profile with no kernels in it) LAMB and LayerNorm read "unknown (no CUPTI)";
 * seq/s and MFU: model FLOP/s (``model.flops_per_token`` x tokens/s) over the device's dense peak for the precision
-  (``PEAK_TFLOPS``: V100, A100, H100, H200 by device name; "n/a" on other devices);
+  (``PEAK_TFLOPS``: V100, A100, H100, H200 by their exact device names; another GPU is an "unknown GPU", no MFU);
 * the pruned / dense step-time ratio beside the FLOP ratio;
 * the loss after ``--steps`` steps in bf16 and fp16 against fp32 (same initial weights, same batches).
 
@@ -45,18 +46,28 @@ from earlybert_pretrain.tickets.prune import prune
 NEEDS_CUDA = "gpu_check: needs a CUDA GPU (torch.cuda.is_available() is False here); nothing was run"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-# Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by a substring of torch.cuda.get_device_name().
-# fp32 is the CUDA-core rate (PyTorch keeps TF32 off for matmuls by default), tf32 the tensor-core rate used when
-# torch.backends.cuda.matmul.allow_tf32 is on. V100 has neither bf16 nor tf32.
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's data sheets, by the exact name torch.cuda.get_device_name() gives
+# (``known_gpu`` normalises case, spaces and the "NVIDIA " / "Tesla " prefix older drivers add or leave out). A name
+# not listed is an unknown GPU: no MFU, rather than a neighbour's peak (a substring match took "RTX A1000" for an
+# A100). fp32 is the CUDA-core rate (PyTorch keeps TF32 off for matmuls by default), tf32 the tensor-core rate used
+# when torch.backends.cuda.matmul.allow_tf32 is on. V100 has neither bf16 nor tf32.
+_V100_SXM2 = {"fp32": 15.7, "fp16": 125.0}
+_V100_PCIE = {"fp32": 14.0, "fp16": 112.0}
+_A100 = {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0}
+_H100_SXM = {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}
+_H100_NVL = {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0, "fp16": 835.0}
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
-    "V100-PCIE": {"fp32": 14.0, "fp16": 112.0},
-    "V100": {"fp32": 15.7, "fp16": 125.0},
-    "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0, "fp16": 312.0},
-    "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0},
-    "H100 NVL": {"fp32": 60.0, "tf32": 417.5, "bf16": 835.0, "fp16": 835.0},
-    "H100": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
-    "H200": {"fp32": 66.9, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4},
+    "V100-SXM2-16GB": _V100_SXM2, "V100-SXM2-32GB": _V100_SXM2,
+    "V100-DGXS-16GB": _V100_SXM2, "V100-DGXS-32GB": _V100_SXM2,
+    "V100-PCIE-16GB": _V100_PCIE, "V100-PCIE-32GB": _V100_PCIE,
+    "V100S-PCIE-32GB": {"fp32": 16.4, "fp16": 130.0},
+    "A100-SXM4-40GB": _A100, "A100-SXM4-80GB": _A100, "A100-PCIE-40GB": _A100, "A100 80GB PCIe": _A100,
+    "H100 80GB HBM3": _H100_SXM, "H100 PCIe": {"fp32": 51.2, "tf32": 378.0, "bf16": 756.0, "fp16": 756.0},
+    "H100 NVL": _H100_NVL,
+    "H200": _H100_SXM, "H200 NVL": _H100_NVL,
 }
+UNKNOWN_GPU = "unknown GPU"
+NO_CUPTI = "unknown (no CUPTI)"
 
 # Substrings of profiler event names (aten ops and CUDA kernels) -> the kernel they show, per concern, first match
 # wins within a concern's list.
@@ -71,19 +82,33 @@ KERNEL_SIGNATURES: dict[str, tuple[tuple[str, str], ...]] = {
              ("_efficient_attention_forward", "mem-efficient"), ("_scaled_dot_product_cudnn_attention", "cudnn"),
              ("_scaled_dot_product_attention_math", "math")),
 }
+CUDA_KERNEL_CONCERNS = ("lamb", "layer_norm")
 
 
 # ---------------------------------------------------------------------------------------------- pure arithmetic
 
 
+def _normalised(device_name: str) -> str:
+    name = " ".join(device_name.split()).lower()
+    for prefix in ("nvidia ", "tesla "):
+        name = name.removeprefix(prefix)
+    return name
+
+
+def known_gpu(device_name: str) -> str | None:
+    """The ``PEAK_TFLOPS`` entry that is exactly ``device_name`` (up to case, spaces and vendor prefix), else None."""
+    wanted = _normalised(device_name)
+    return next((known for known in PEAK_TFLOPS if _normalised(known) == wanted), None)
+
+
 def peak_tflops(device_name: str, precision: str, tf32: bool = False) -> float | None:
     """The dense peak TFLOP/s of ``device_name`` in ``precision``; None for an unknown device or a missing mode."""
+    known = known_gpu(device_name)
+    if known is None:
+        return None
+    peaks = PEAK_TFLOPS[known]
     mode = "tf32" if precision == "fp32" and tf32 else precision
-    for model in sorted(PEAK_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
-        if model.lower() in device_name.lower():
-            peaks = PEAK_TFLOPS[model]
-            return peaks.get(mode, peaks.get("fp32") if mode == "tf32" else None)
-    return None
+    return peaks.get(mode, peaks.get("fp32") if mode == "tf32" else None)
 
 
 def achieved_tflops(sequences_per_second: float, seq_len: int, flops_per_token: float) -> float:
@@ -97,13 +122,19 @@ def mfu(sequences_per_second: float, seq_len: int, flops_per_token: float, peak:
     return achieved_tflops(sequences_per_second, seq_len, flops_per_token) / peak
 
 
-def classify_kernels(event_names: Iterable[str]) -> dict[str, str]:
+def classify_kernels(event_names: Iterable[str], cuda_kernels_recorded: bool = True) -> dict[str, str]:
     """Which LAMB, LayerNorm and SDPA kernels a profile shows; "none seen" where none of the signatures occurs.
 
-    Each event counts as the first signature it contains (the CPU flash op's name contains the CUDA one's)."""
+    Each event counts as the first signature it contains (the CPU flash op's name contains the CUDA one's). A fused
+    LAMB or LayerNorm shows only as CUDA kernels, which the profiler records through CUPTI: a CUDA profile without any
+    (``cuda_kernels_recorded`` False) cannot tell them from torch's, so those two read NO_CUPTI. SDPA's choice is an
+    aten op, recorded on the host either way."""
     names = set(event_names)
     found = {}
     for concern, signatures in KERNEL_SIGNATURES.items():
+        if not cuda_kernels_recorded and concern in CUDA_KERNEL_CONCERNS:
+            found[concern] = NO_CUPTI
+            continue
         kinds = [kind for _, kind in signatures]
         seen = {next((kind for signature, kind in signatures if signature in name), None) for name in names}
         ordered = sorted(seen - {None}, key=kinds.index)
@@ -184,14 +215,19 @@ def make_batch(config: BertConfig, batch: int, seq_len: int, index: int) -> dict
             "next_sentence_label": torch.randint(0, 2, (batch,), generator=generator)}
 
 
-def profiled(step, *args) -> tuple[object, list[str]]:
-    """``step(*args)`` under the profiler (CPU ops, and CUDA kernels on a GPU): its value and every event's name."""
+def profiled(step, *args) -> tuple[object, list[str], bool]:
+    """``step(*args)`` under the profiler (CPU ops, and CUDA kernels on a GPU): its value, every event's name, and
+    whether CUDA kernels were recorded (False on a GPU without a working CUPTI; True on the CPU, where ops are all)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    on_cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
     with profile(activities=activities) as prof:
         value = step(*args)
-    return value, [event.name for event in prof.events()]
+    events = prof.events()
+    recorded = not on_cuda or any(event.device_type == DeviceType.CUDA for event in events)
+    return value, [event.name for event in events], recorded
 
 
 def train(model: BertForPreTraining, spec: RunSpec, batch: int, runtime, steps: int, warmup: int) -> RunResult:
@@ -211,8 +247,8 @@ def train(model: BertForPreTraining, spec: RunSpec, batch: int, runtime, steps: 
             micro_batch = {key: value.to(runtime.device) for key, value in
                            make_batch(model.config, batch, spec.seq_len, index).items()}
             if index == steps - 1:
-                means, names = profiled(stage.train_step, [micro_batch])
-                result.kernels = classify_kernels(names)
+                means, names, recorded = profiled(stage.train_step, [micro_batch])
+                result.kernels = classify_kernels(names, recorded)
             else:
                 means = stage.train_step([micro_batch])
                 if index >= warmup:
@@ -258,7 +294,9 @@ def describe_device(runtime) -> tuple[str, list[str]]:
     major, minor = torch.cuda.get_device_capability(runtime.device)
     memory = torch.cuda.get_device_properties(runtime.device).total_memory / 2**30
     prebuilt = ", ".join(op for op in ("fused_lamb", "fused_adam") if deepspeed_prebuilt(op)) or "none"
-    lines.append(f"device: {name} (sm_{major}{minor}, {memory:.0f} GiB)")
+    known = known_gpu(name)
+    peaks = f"peaks of {known}" if known else f"{UNKNOWN_GPU}: not in gpu_check.PEAK_TFLOPS, MFU not computed"
+    lines.append(f"device: {name} (sm_{major}{minor}, {memory:.0f} GiB; {peaks})")
     lines.append(f"DeepSpeed ops compiled at install: {prebuilt}; NVIDIA Apex FusedLAMB (amp_C): "
                  f"{'yes' if apex_installed() else 'no'}")
     return name, lines
@@ -288,10 +326,11 @@ def run_table(results: Sequence[RunResult], device_name: str) -> str:
     for r in results:
         seq_s = r.sequences_per_second
         peak = peak_tflops(device_name, r.spec.precision, tf32)
+        peak_cell = UNKNOWN_GPU if device_name != "cpu" and known_gpu(device_name) is None else fmt(peak, ".1f")
         rows.append([r.spec.seq_len, r.spec.precision, r.spec.model, r.spec.lamb_kernel, r.batch,
                      fmt(r.step_seconds and r.step_seconds * 1e3, ".1f"), fmt(seq_s, ".1f"),
                      fmt(seq_s and achieved_tflops(seq_s, r.spec.seq_len, r.flops_per_token), ".1f"),
-                     fmt(peak, ".1f"), fmt(seq_s and mfu(seq_s, r.spec.seq_len, r.flops_per_token, peak), ".1%"),
+                     peak_cell, fmt(seq_s and mfu(seq_s, r.spec.seq_len, r.flops_per_token, peak), ".1%"),
                      r.chosen_optimizer, r.kernels.get("lamb", "-"), r.kernels.get("layer_norm", "-"),
                      r.kernels.get("sdpa", "-"), r.note])
     return format_table(["seq", "precision", "model", "optimizer.fused", "batch", "step ms", "seq/s", "TFLOP/s",

@@ -63,10 +63,37 @@ def test_pins_satisfy_setup_py():
             f"docker/constraints-cuda.txt pins {name}=={pinned[name]}, outside setup.py's {requirement}")
 
 
-def test_torch_and_deepspeed_pins_agree_everywhere():
-    pinned, args = pins(CONSTRAINTS), dockerfile_args()
-    assert pins(ROOT / "constraints-cpu.txt")["torch"] == pinned["torch"] == args["TORCH_VERSION"]
-    assert args["DEEPSPEED_VERSION"] == pinned["deepspeed"]
+def test_torch_transformers_and_deepspeed_pins_are_the_tested_ones():
+    """The image pins what `make test` installs first (constraints-cpu.txt): the environment the suite passed in."""
+    pinned, args, tested = pins(CONSTRAINTS), dockerfile_args(), pins(ROOT / "constraints-cpu.txt")
+    assert {name: pinned[name] for name in ("torch", "transformers", "deepspeed")} == tested
+    assert args["TORCH_VERSION"] == tested["torch"] and args["DEEPSPEED_VERSION"] == tested["deepspeed"]
+
+
+def test_the_image_runs_the_python_the_tests_run_on():
+    """CI builds its venvs with the Makefile's PYTHON; the image's venv is made with the same CPython line."""
+    (tested,) = re.findall(r"^PYTHON \?= python(\d+\.\d+)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    assert dockerfile_args()["PYTHON_VERSION"] == tested
+    (apt,) = [run for run in instructions("RUN") if "apt-get install" in run]
+    assert '"python${PYTHON_VERSION}" -m venv /opt/venv' in apt and " python3 " not in apt
+
+
+def test_setup_py_floors_are_the_oldest_tested_versions():
+    """Every lower bound in install_requires is pinned exactly in constraints-oldest.txt, which `make test` runs the
+    suite with, and nothing else is pinned there but the test extras (inside their ranges)."""
+    oldest = pins(ROOT / "constraints-oldest.txt")
+    floors = {}
+    for requirement in install_requires():
+        (spec,) = [spec for spec in requirement.specifier if spec.operator in (">=", "==")]
+        floors[canonicalize_name(requirement.name)] = Version(spec.version)
+    assert {name: Version(oldest.get(name, "0")) for name in floors} == floors
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    (extras,) = [ast.literal_eval(node.value) for node in ast.walk(tree)
+                 if isinstance(node, ast.keyword) and node.arg == "extras_require"]
+    for requirement in map(Requirement, extras["test"]):
+        name = canonicalize_name(requirement.name)
+        assert name not in oldest or requirement.specifier.contains(Version(oldest[name])), requirement
+    assert set(oldest) - set(floors) <= {canonicalize_name(Requirement(r).name) for r in extras["test"]}
 
 
 def test_base_image_cuda_matches_the_torch_build():

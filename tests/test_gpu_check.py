@@ -46,9 +46,28 @@ def test_without_cuda_one_line_and_exit_2():
     ("NVIDIA H200", "fp32", False, 66.9),
     ("NVIDIA H200", "bf16", False, 989.4),
     ("NVIDIA GeForce RTX 4090", "bf16", False, None),
+    ("A100-SXM4-40GB", "bf16", False, 312.0),  # older drivers leave the vendor prefix out
+    ("NVIDIA A100 80GB PCIe", "fp16", False, 312.0),
+    ("Tesla V100S-PCIE-32GB", "fp16", False, 130.0),
+    ("NVIDIA H200 NVL", "bf16", False, 835.0),
+    # names that contain a known one are other GPUs: no peak, no MFU
+    ("NVIDIA RTX A1000", "bf16", False, None),
+    ("NVIDIA RTX A1000 Laptop GPU", "fp32", False, None),
+    ("NVIDIA A100X", "bf16", False, None),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bf16", False, None),
 ])
 def test_peak_table_lookup(name, precision, tf32, peak):
     assert gpu_check.peak_tflops(name, precision, tf32) == peak
+
+
+def test_an_unknown_gpu_gets_a_row_without_mfu():
+    """The run table names the GPU unknown and computes no MFU, where a substring match took an A100's peak."""
+    results = [result(128, "bf16", "dense", 0.100, 1e9)]
+    row = gpu_check.run_table(results, "NVIDIA RTX A1000").splitlines()[2].split(" | ")
+    headers = gpu_check.run_table([], "").splitlines()[0].split(" | ")
+    assert row[headers.index("peak")] == gpu_check.UNKNOWN_GPU and row[headers.index("MFU")] == "n/a"
+    known = gpu_check.run_table(results, "NVIDIA A100-SXM4-80GB").splitlines()[2].split(" | ")
+    assert known[headers.index("peak")] == "312.0" and known[headers.index("MFU")] == "26.3%"  # 8.192e-2 / 312
 
 
 def test_mfu_arithmetic():
@@ -74,6 +93,15 @@ def test_classify_kernels():
         "lamb": "torch foreach (unfused)", "layer_norm": "none seen", "sdpa": "flash (cpu)"}
     assert gpu_check.classify_kernels(["aten::mm"]) == {
         "lamb": "none seen", "layer_norm": "none seen", "sdpa": "none seen"}
+
+
+def test_without_cupti_fused_kernels_read_unknown_not_torch():
+    """A CUDA profile without kernels (no CUPTI) of an apex run shows only the host ops: DeepSpeed's foreach
+    bookkeeping and no LayerNorm op. Those would read as torch foreach and "none seen"; they are unknown instead.
+    The SDPA choice is a host-side aten op and still reads."""
+    host_ops_of_an_apex_run = ["aten::_foreach_mul_", "aten::_scaled_dot_product_flash_attention", "aten::mm"]
+    assert gpu_check.classify_kernels(host_ops_of_an_apex_run, cuda_kernels_recorded=False) == {
+        "lamb": gpu_check.NO_CUPTI, "layer_norm": gpu_check.NO_CUPTI, "sdpa": "flash"}
 
 
 def test_format_table():
@@ -125,3 +153,51 @@ def test_a_failing_run_becomes_a_note(capsys):
     result = gpu_check.train_or_note(models, spec, Runtime(0, 1, torch.device("cpu"), "fp32"), steps=2, warmup=1)
     assert result.note.startswith("failed: ConfigError: optimizer.fused=apex") and result.step_seconds is None
     assert "Traceback" in capsys.readouterr().err
+
+
+# --- benchmarks/gpu_wheels.py: what the GPU kit installs ---------------------------------------------------------
+
+_wheels_spec = importlib.util.spec_from_file_location("gpu_wheels", ROOT / "benchmarks" / "gpu_wheels.py")
+gpu_wheels = importlib.util.module_from_spec(_wheels_spec)
+_wheels_spec.loader.exec_module(gpu_wheels)
+
+
+def test_every_kit_wheel_is_pinned_to_a_tested_version():
+    versions = gpu_wheels.pins()
+    assert [name for name in gpu_wheels.KIT if name not in versions] == []
+    assert gpu_wheels.wheel_distribution(Path("pydantic_core-2.50.5-cp312-cp312-manylinux2014_x86_64.whl")) == (
+        "pydantic-core")
+
+
+def test_install_adds_only_what_the_machine_lacks(tmp_path, monkeypatch, capsys):
+    """A wheel of an installed distribution (pytest here, any version) is kept out: the machine's own torch / numpy
+    stay; only the missing one goes to pip, offline and without dependencies."""
+    for name in ("pytest-1.0-py3-none-any.whl", "not_installed_here-1.0-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(gpu_wheels.subprocess, "run", lambda args, **kwargs: calls.append(args))
+    assert gpu_wheels.install(tmp_path, tmp_path / "site") == 0
+    (args,) = calls
+    assert args[args.index("install") + 1:] == ["--no-index", "--no-deps", "-q", "--target", str(tmp_path / "site"),
+                                                str(tmp_path / "not_installed_here-1.0-py3-none-any.whl")]
+    assert "already installed, kept: pytest" in capsys.readouterr().out
+
+
+def test_install_refuses_a_machine_without_torch_and_transformers_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_wheels, "installed", lambda name: name not in ("numpy", "transformers"))
+    assert gpu_wheels.install(tmp_path, tmp_path / "site") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lacks numpy, transformers" in err
+
+
+@pytest.mark.parametrize("args, env, message", [
+    ([], {}, "gpu_kit: no OUT_DIR given; usage: bash benchmarks/gpu_kit.sh OUT_DIR [--smoke-cpu]"),
+    (["out", "--fast"], {}, "gpu_kit: unknown option --fast; usage: bash benchmarks/gpu_kit.sh OUT_DIR [--smoke-cpu]"),
+    (["out"], {"EARLYBERT_WHEELS": "no-such-folder"}, "gpu_kit: no wheel folder no-such-folder: run 'python "
+     "benchmarks/gpu_wheels.py prepare' where there is network and bring the folder along (git ignores it)"),
+])
+def test_gpu_kit_refuses_bad_calls_in_one_line_and_writes_nothing(tmp_path, args, env, message):
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_kit.sh"), *args], capture_output=True, text=True,
+                            cwd=tmp_path, env={**os.environ, **env}, timeout=60)
+    assert (result.returncode, result.stderr.strip(), result.stdout) == (2, message, "")
+    assert list(tmp_path.iterdir()) == []
