@@ -2,7 +2,9 @@
 # Both create .venv and install the package; without an NVIDIA GPU the torch pin keeps pip on the CPU build.
 # `make test` then tests a second environment, .venv-oldest: every lower bound of setup.py (constraints-oldest.txt).
 VENV ?= .venv
-PYTHON ?= python3
+TESTED_PYTHON := 3.11
+# The CPython line the tests run on (and the Docker image has) where the machine has it, else its python3.
+PYTHON ?= $(shell command -v python$(TESTED_PYTHON) 2>/dev/null || echo python3)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)

@@ -72,7 +72,7 @@ def test_torch_transformers_and_deepspeed_pins_are_the_tested_ones():
 
 def test_the_image_runs_the_python_the_tests_run_on():
     """CI builds its venvs with the Makefile's PYTHON; the image's venv is made with the same CPython line."""
-    (tested,) = re.findall(r"^PYTHON \?= python(\d+\.\d+)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    (tested,) = re.findall(r"^TESTED_PYTHON := (\d+\.\d+)$", (ROOT / "Makefile").read_text(), flags=re.M)
     assert dockerfile_args()["PYTHON_VERSION"] == tested
     (apt,) = [run for run in instructions("RUN") if "apt-get install" in run]
     assert '"python${PYTHON_VERSION}" -m venv /opt/venv' in apt and " python3 " not in apt
