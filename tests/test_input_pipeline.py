@@ -111,7 +111,8 @@ def test_a_wait_for_data_inside_a_step_is_paused_out_of_its_clocks() -> None:
     assert timer.data_wait_seconds == timer.last_data_wait_seconds
     with timer.step():
         pass
-    assert timer.last_data_wait_seconds == 0.0 and timer.data_wait_seconds >= 0.3 - CLOCK_SLACK  # a step's own waits only
+    # a step's own waits only
+    assert timer.last_data_wait_seconds == 0.0 and timer.data_wait_seconds >= 0.3 - CLOCK_SLACK
 
 
 BUILD_SECONDS = 0.1  # per micro-batch, in a worker
