@@ -12,15 +12,21 @@ from test_engine import batches, make_engine, parameters, tiny_model, train_step
 
 from earlybert_pretrain.common.files import sha256_file
 from earlybert_pretrain.common.oserrors import FileSystemError
+from earlybert_pretrain.common.run_folder import ALLOW_WORLD_SIZE_CHANGE
+from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.errors import RunError
+from earlybert_pretrain.train import checkpoint
 from earlybert_pretrain.train.checkpoint import (
     COMPLETE_MARKER,
+    WorldSizeChange,
     capture_rng_state,
     checkpoint_tag,
     load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
+from earlybert_pretrain.train.engine import build_engine, deepspeed_config
+from earlybert_pretrain.train.optim import build_optimizer
 
 STATES = "mp_rank_00_model_states.pt"
 
@@ -160,3 +166,77 @@ def test_checkpoints_of_another_world_size_are_refused_before_loading(single_pro
                                        r"1; resume it on 2 rank\(s\) .*or pass --overwrite to start over$"):
         load_latest_checkpoint(resumed, tmp_path, stage="phase1")
     assert {path: path.read_bytes() for path in sorted(tmp_path.rglob("*")) if path.is_file()} == before
+
+
+def files_of(folder: Path) -> dict:
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def claim_world_size(tag_dir: Path, world: int) -> None:
+    """Make a checkpoint look written by ``world`` ranks (what the marker records; the check reads nothing else)."""
+    marker = json.loads((tag_dir / COMPLETE_MARKER).read_text())
+    (tag_dir / COMPLETE_MARKER).write_text(json.dumps({**marker, "world_size": world}))
+
+
+def moments(engine) -> list[torch.Tensor]:
+    return [value for state in engine.optimizer.state.values() for value in state.values() if torch.is_tensor(value)]
+
+
+def test_a_world_size_change_is_refused_naming_the_flag_and_continued_with_it(single_process_dist, tmp_path, caplog):
+    """ZeRO 0: the optimizer state is whole in the checkpoint, so the accepted run loads exactly what was saved."""
+    engine, _ = make_engine(tiny_model(seed=3, dropout=0.1))
+    train_steps(engine, batches(2, 8))
+    saved = {"weights": parameters(engine), "moments": [value.clone() for value in moments(engine)]}
+    save_checkpoint(engine, tmp_path, checkpoint_tag("phase1", 2), {"step": 2, "rng": capture_rng_state()}, keep=2)
+    claim_world_size(tmp_path / checkpoint_tag("phase1", 2), 2)
+    before = files_of(tmp_path)
+    refused, _ = make_engine(tiny_model(seed=5, dropout=0.1))
+    with pytest.raises(RunError) as refusal:
+        load_latest_checkpoint(refused, tmp_path, "phase1", WorldSizeChange(False, ALLOW_WORLD_SIZE_CHANGE))
+    assert str(refusal.value) == (
+        f"{tmp_path}: the run's checkpoints were saved by 2 rank(s), this run has 1; resume it on 2 rank(s) (the "
+        "dropout streams and optimizer partitions each rank continues are its own), pass --allow-world-size-change "
+        "to continue on 1 (the same samples per step; new per-rank random streams), or pass --overwrite to start over")
+    assert files_of(tmp_path) == before and refused.global_steps == 0
+
+    resumed, _ = make_engine(tiny_model(seed=5, dropout=0.1))
+    with caplog.at_level(logging.WARNING, logger="earlybert_pretrain"):
+        client = load_latest_checkpoint(resumed, tmp_path, "phase1", WorldSizeChange(True, ALLOW_WORLD_SIZE_CHANGE))
+    assert client["step"] == 2 and resumed.global_steps == 2
+    assert "continuing on 1 rank(s) as asked" in caplog.text
+    assert all(torch.equal(value, saved["weights"][name]) for name, value in parameters(resumed).items())
+    loaded = moments(resumed)
+    assert len(loaded) == len(saved["moments"]) > 0 and all(map(torch.equal, loaded, saved["moments"]))
+    assert files_of(tmp_path) == before
+
+
+def test_under_zero_2_a_world_size_change_is_refused_accepted_or_not(single_process_dist, tmp_path):
+    """ZeRO 1/2 partition the optimizer state over the ranks that wrote it; DeepSpeed cannot re-partition it."""
+    model = tiny_model(seed=3)
+    optimizer, _ = build_optimizer(model, OptimizerConfig(), 1e-2)
+    engine = build_engine(model, optimizer, None, deepspeed_config(8, 2, 1, "fp32", 1.0, 2, "lamb"))
+    train_steps(engine, batches(1, 8))
+    save_checkpoint(engine, tmp_path, checkpoint_tag("phase1", 1), {"step": 1}, keep=2)
+    claim_world_size(tmp_path / checkpoint_tag("phase1", 1), 2)
+    before = files_of(tmp_path)
+    expected = (r"saved by 2 rank\(s\), this run has 1: under ZeRO 2 each rank saved its own partition of the "
+                r"optimizer state, which DeepSpeed cannot re-partition over 1; resume it on 2 rank\(s\), or pass "
+                r"--overwrite to start over$")
+    for accepted in (False, True):
+        with pytest.raises(RunError, match=expected):
+            load_latest_checkpoint(engine, tmp_path, "phase1", WorldSizeChange(accepted, ALLOW_WORLD_SIZE_CHANGE))
+    assert files_of(tmp_path) == before
+
+
+def test_a_rank_the_saved_run_did_not_have_gets_a_new_stream_the_same_on_every_rerun(monkeypatch):
+    saved = capture_rng_state()  # one rank's generators
+    draws = {}
+    for as_rank in (0, 1, 1, 2):
+        monkeypatch.setattr(checkpoint, "rank", lambda as_rank=as_rank: as_rank)
+        restore_rng_state(saved)
+        draws.setdefault(as_rank, []).append(torch.rand(4))
+    monkeypatch.undo()
+    restore_rng_state(saved)
+    assert torch.equal(draws[0][0], torch.rand(4))  # rank 0 continues its own stream
+    assert torch.equal(draws[1][0], draws[1][1])  # a new rank's stream is the same on a rerun
+    assert not any(torch.equal(draws[a][0], draws[b][0]) for a, b in ((0, 1), (0, 2), (1, 2)))

@@ -203,6 +203,20 @@ def test_two_ranks_split_the_single_rank_stream(corpus: ShardedCorpus) -> None:
     assert ranks[0].samples_consumed == ranks[1].samples_consumed == single.samples_consumed == steps * micro * 2
 
 
+def test_an_optimizer_step_trains_on_the_same_samples_on_any_world_size(corpus: ShardedCorpus) -> None:
+    """What --allow-world-size-change relies on: step s of a global batch G reads samples [s*G, (s+1)*G), each
+    once, however many ranks share them (the recipe starts a stage's stream at steps done x G)."""
+    micro, global_batch = 3, 12
+    for world in (1, 2, 4):
+        accumulation = global_batch // (micro * world)
+        ranks = [PretrainingBatches(corpus, SEQ, MAX_PRED, micro, rank=r, world_size=world, seed=5)
+                 for r in range(world)]
+        for step in (0, 7):
+            read = [g for stream in ranks for k in range(accumulation)
+                    for g in stream.batch_indices(step * global_batch + k * micro * world)]
+            assert sorted(read) == list(range(step * global_batch, (step + 1) * global_batch)), world
+
+
 def test_whole_word_masking_masks_whole_words(corpus: ShardedCorpus) -> None:
     batches = PretrainingBatches(corpus, SEQ, MAX_PRED, micro_batch_size=1, seed=4, whole_word_masking=True)
     continuation = np.array([t.startswith("##") for t in corpus.vocab])

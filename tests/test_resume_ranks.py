@@ -1,5 +1,6 @@
-"""Resuming, through the CLI and on 2 ranks: each rank gets its own RNG state back; a run's checkpoints resume only on
-the world size that wrote them (2 ranks -> 1 and 1 -> 2 refused in one line before anything is loaded, under ZeRO 2);
+"""Resuming, through the CLI and on 2 ranks: each rank gets its own RNG state back; a run's checkpoints resume on the
+world size that wrote them, on another only with --allow-world-size-change and ZeRO 0 (2 ranks -> 1 -> 2 continued to
+the end; under ZeRO 2, 2 -> 1 and 1 -> 2 refused in one line before anything is loaded, with the flag or without);
 a run copied with ``cp -a`` resumes in its new folder; a crafted checkpoint is refused without running its code."""
 
 import json
@@ -91,12 +92,14 @@ def test_a_two_rank_run_resumed_on_one_rank_is_refused_in_one_line(recipe, tmp_p
     codes, log = launch(args, kill_on=KILL_AFTER_A_CHECKPOINT)
     assert codes == [-signal.SIGKILL] * 2, log[-3000:]
     before = checkpoint_files(out)
-    code, log = run_cli(args)
-    assert code == 2
-    assert the_error(log) == (f"earlybert-pretrain: error: {out / 'checkpoints'}: the run's checkpoints were saved by "
-                              "2 rank(s), this run has 1; resume it on 2 rank(s) (the samples, dropout and optimizer "
-                              "partitions each rank continues are its own), or pass --overwrite to start over")
-    assert "corrupt" not in log and checkpoint_files(out) == before
+    for flag in ([], ["--allow-world-size-change"]):
+        code, log = run_cli(args + flag)
+        assert code == 2
+        assert the_error(log) == (
+            f"earlybert-pretrain: error: {out / 'checkpoints'}: the run's checkpoints were saved by 2 rank(s), this "
+            "run has 1: under ZeRO 2 each rank saved its own partition of the optimizer state, which DeepSpeed cannot "
+            "re-partition over 1; resume it on 2 rank(s), or pass --overwrite to start over")
+        assert "corrupt" not in log and checkpoint_files(out) == before
 
 
 @pytest.mark.slow
@@ -105,7 +108,7 @@ def test_a_one_rank_run_resumed_on_two_ranks_is_refused_on_both(one_rank_killed,
     before = checkpoint_files(out)
     codes, log = launch(["--config", str(recipe), f"output_dir={out}", "--resume"], timeout=300)
     assert codes == [2, 2], log[-3000:]
-    assert "checkpoints were saved by 1 rank(s), this run has 2; resume it on 1 rank(s)" in the_error(log)
+    assert "checkpoints were saved by 1 rank(s), this run has 2: under ZeRO 2 each rank saved its own" in the_error(log)
     assert checkpoint_files(out) == before
 
 
@@ -134,3 +137,31 @@ def test_a_crafted_checkpoint_does_not_run_its_code_on_resume(one_rank_killed, r
     code, log = run_cli(["--config", str(recipe), f"output_dir={out}", "--resume"])
     assert code == 2 and not ran.exists()
     assert the_error(log).startswith(f"earlybert-pretrain: error: {states}: refused to load: it holds getattr, ")
+
+
+@pytest.mark.slow
+def test_under_zero_0_a_run_moves_from_2_ranks_to_1_and_back_with_the_flag(wiki_build, tmp_path):
+    """The flag's whole path, dropout on: killed on 2 ranks after the search's checkpoint at step 3, resumed on 1 (which
+    refuses without the flag) and killed after phase 1's at step 3, finished on 2. Each resume continues at the step
+    it saved; the same samples per step are test_data's invariant, the loaded state test_checkpoint's."""
+    recipe = tmp_path / "zero0.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(wiki_build.shards)))  # ZeRO 0, dropout 0.1
+    out = tmp_path / "run"
+    args = ["--config", str(recipe), f"output_dir={out}", "--resume"]
+    codes, log = launch(args, kill_on=KILL_AFTER_A_CHECKPOINT)
+    assert codes == [-signal.SIGKILL] * 2, log[-3000:]
+    before = checkpoint_files(out)
+    code, log = run_cli(args)
+    assert code == 2 and "pass --allow-world-size-change to continue on 1" in the_error(log)
+    assert checkpoint_files(out) == before
+
+    code, log = run_cli([*args, "--allow-world-size-change"], kill_on=r"phase1 step 5/")
+    assert code == -signal.SIGKILL, log[-3000:]
+    assert "saved by 2 rank(s), this run has 1: continuing on 1 rank(s) as asked" in log
+    assert "search: resumed at step 3 of 6" in log
+    codes, log = launch([*args, "--allow-world-size-change"], timeout=300)
+    assert codes == [0, 0], log[-3000:]
+    assert "saved by 1 rank(s), this run has 2: continuing on 2 rank(s) as asked" in log
+    assert "phase1: resumed at step 3 of 26" in log
+    progress = json.loads((out / "progress.json").read_text())
+    assert [progress[stage]["steps"] for stage in ("search", "phase1", "phase2")] == [6, 26, 6]

@@ -8,6 +8,8 @@ or data placed beside a run survive.
 
 ``run.json`` also records where the folder was (``location``, ``cwd``): --resume compares the configs with the
 folder's own location taken out, so a run moved or copied elsewhere (``cp -a``) resumes under its new name.
+Checkpoints resume on the world size that wrote them unless ``--allow-world-size-change`` is passed
+(``train.checkpoint``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from earlybert_pretrain.common.lock import LOCK_FILE
 from earlybert_pretrain.errors import RunError
 
 RUN_FILE = "run.json"
+ALLOW_WORLD_SIZE_CHANGE = "--allow-world-size-change"  # both recipes' flag: resume on another number of ranks
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

@@ -18,6 +18,7 @@ import logging
 import sys
 
 from earlybert_pretrain.common.oserrors import user_filesystem_errors
+from earlybert_pretrain.common.run_folder import ALLOW_WORLD_SIZE_CHANGE
 from earlybert_pretrain.config import load_config
 from earlybert_pretrain.errors import LostRankError, UserError
 from earlybert_pretrain.finetune.config import MODES, FinetuneConfig
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir (same settings)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace output_dir's previous run (only the files a run writes)")
+    parser.add_argument(ALLOW_WORLD_SIZE_CHANGE, dest="allow_world_size_change", action="store_true",
+                        help="--resume on another number of ranks than wrote the checkpoints (the same global "
+                             "batches; new per-rank random streams)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.data_dir=glue/SST-2 lr=4e-5")
     return parser
 
@@ -58,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         from earlybert_pretrain.finetune.trainer import run
 
         with user_filesystem_errors(config.output_dir):  # run() owns its process group (made and ended there)
-            metrics = run(config, resume=args.resume, overwrite=args.overwrite)
+            metrics = run(config, resume=args.resume, overwrite=args.overwrite,
+                          allow_world_size_change=args.allow_world_size_change)
     except (UserError, LostRankError) as err:  # a lost rank: exit 1; anything else is a bug: it keeps its traceback
         print(f"earlybert-finetune: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, UserError) else 1

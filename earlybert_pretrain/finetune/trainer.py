@@ -30,6 +30,7 @@ from earlybert_pretrain.common import run_folder
 from earlybert_pretrain.common.files import atomic_write_json, read_json, sha256_file
 from earlybert_pretrain.common.lock import hold_run_lock
 from earlybert_pretrain.common.masking import mask_tokens
+from earlybert_pretrain.common.run_folder import ALLOW_WORLD_SIZE_CHANGE
 from earlybert_pretrain.common.tokens import IGNORE_INDEX
 from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.errors import ConfigError, DataError, ModelFolderError
@@ -47,7 +48,7 @@ from earlybert_pretrain.tickets.draw import random_ticket
 from earlybert_pretrain.tickets.prune import prune
 from earlybert_pretrain.tickets.search import SearchOutcome, SlimmingSearch
 from earlybert_pretrain.tickets.ticket import Ticket
-from earlybert_pretrain.train.checkpoint import check_shared
+from earlybert_pretrain.train.checkpoint import WorldSizeChange, check_shared
 from earlybert_pretrain.train.distributed import agreed, agreed_context, barrier, leaving_process_group, on_main_rank
 from earlybert_pretrain.train.engine import init_distributed, resolve_precision
 from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageHook, StageResult, StageSettings
@@ -139,8 +140,8 @@ def _prepare_data(config: FinetuneConfig, task: TaskSpec, tokenizer,
     return data, train_features, eval_sets
 
 
-def _stage_settings(config: FinetuneConfig, name: str, lr: float, schedule: Schedule,
-                    runtime: Runtime) -> StageSettings:
+def _stage_settings(config: FinetuneConfig, name: str, lr: float, schedule: Schedule, runtime: Runtime,
+                    world_size_change: WorldSizeChange) -> StageSettings:
     """A fine-tuning stage on the backend (AdamW, Sec. 4.1), checkpointed in output_dir/checkpoints/."""
     optimizer = OptimizerConfig(name="adamw", eps=config.adam_eps, weight_decay=config.weight_decay,
                                 grad_clip=config.grad_clip)
@@ -149,7 +150,7 @@ def _stage_settings(config: FinetuneConfig, name: str, lr: float, schedule: Sche
                          schedule=schedule, grad_clip=config.grad_clip,
                          checkpoint_dir=FinetuneLayout(Path(config.output_dir)).checkpoints,
                          checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-                         log_every=config.log_every)
+                         log_every=config.log_every, world_size_change=world_size_change)
 
 
 def _open_batches(batches: TrainBatches, task: TaskSpec, device: torch.device, prepare=None):
@@ -257,7 +258,7 @@ class EpochEvaluation(StageHook):
 
 
 def _search(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches, lr: float, runtime: Runtime,
-            tensorboard: TensorBoardLogger, mlm_inputs: MlmMasking | None) -> tuple[SearchOutcome, StageResult]:
+            tensorboard: TensorBoardLogger, plan: RunPlan) -> tuple[SearchOutcome, StageResult]:
     """EarlyBERT's search for fine-tuning (Sec. 3.2, 4.2) on a copy of the pre-trained model with slimming
     coefficients, at the dense learning rate held constant; the copy is thrown away after the draw. On the task's
     loss, or (``search.objective=mlm``, Appendix B) on masked-LM over the task's text with the folder's MLM head."""
@@ -270,12 +271,14 @@ def _search(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches
             f"rankings may not have settled below ~{settings.warn_below_steps} steps: set search.steps or "
             "search.stop=early-bird")
         logger.warning(warnings[-1])
+    mlm_inputs = plan.mlm_inputs
     searched = _mlm_search_model(config) if mlm_inputs is not None else copy.deepcopy(model)
     searched.add_slimming_coefficients()
     search = SlimmingSearch(settings, settings.heads_to_prune_for(model.config), planned, searched.config,
                             tensorboard)
     search_lr = lr if settings.lr is None else settings.lr
-    stage_settings = _stage_settings(config, "search", search_lr, Schedule(planned, kind=None), runtime)
+    stage_settings = _stage_settings(config, "search", search_lr, Schedule(planned, kind=None), runtime,
+                                     plan.world_size_change)
     with Stage.build(searched, stage_settings, runtime, tensorboard) as stage:
         stage.resume([search])
         result = stage.run(_open_batches(batches, task, runtime.device, mlm_inputs), planned, [search])
@@ -340,10 +343,10 @@ def _finish_search(layout: FinetuneLayout, outcome: SearchOutcome, result: Stage
 
 def _search_or_resume(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches, lr: float,
                       runtime: Runtime, tensorboard: TensorBoardLogger, layout: FinetuneLayout, progress: dict,
-                      mlm_inputs: MlmMasking | None) -> tuple[dict, StageResult]:
+                      plan: RunPlan) -> tuple[dict, StageResult]:
     """The search's record and stage result: run now, or read back (rank 0's files, to every rank)."""
     if "search" not in progress:
-        outcome, result = _search(config, task, model, batches, lr, runtime, tensorboard, mlm_inputs)
+        outcome, result = _search(config, task, model, batches, lr, runtime, tensorboard, plan)
         _finish_search(layout, outcome, result, runtime, tensorboard)
         progress = {"search": {"steps": outcome.steps, "planned_steps": outcome.planned_steps,
                                "early_bird_fired_at": outcome.early_bird_fired_at, "warnings": outcome.warnings,
@@ -355,12 +358,14 @@ def _search_or_resume(config: FinetuneConfig, task: TaskSpec, model, batches: Tr
 @dataclasses.dataclass
 class RunPlan:
     """What ``run`` settles before the folder is touched: the ticket a run without a search prunes with, a dense
-    run's times, the steps of a reduced run, the MLM search's inputs (None: search on the task's loss)."""
+    run's times, the steps of a reduced run, the MLM search's inputs (None: search on the task's loss), whether
+    checkpoints of another world size may be resumed."""
 
     ticket: Ticket | None
     dense_time: dict | None
     match: reduced.StepMatch | None
     mlm_inputs: MlmMasking | None
+    world_size_change: WorldSizeChange
 
 
 def _dense_time(config: FinetuneConfig, task: TaskSpec) -> dict | None:
@@ -386,9 +391,11 @@ def _match_steps(config: FinetuneConfig, task: TaskSpec, model, dense_time: dict
 
 
 @leaving_process_group()  # a group created here ends here: run() runs again in the same process
-def run(config: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> dict:
+def run(config: FinetuneConfig, resume: bool = False, overwrite: bool = False,
+        allow_world_size_change: bool = False) -> dict:
     """Run the whole fine-tuning; returns what metrics.json holds (written by rank 0). Everything that can be
-    checked without training is checked before output_dir is touched."""
+    checked without training is checked before output_dir is touched. ``allow_world_size_change``: resume
+    checkpoints written by another number of ranks (the same global batches; new per-rank random streams)."""
     rank, world_size, device = init_distributed(config.collective_timeout_s)
     with agreed():  # a check failing on one rank alone stops every rank at once, with that rank's line
         config.validate()
@@ -410,7 +417,8 @@ def run(config: FinetuneConfig, resume: bool = False, overwrite: bool = False) -
             given_ticket.check_fits(model.config)
         mlm = config.mode == "earlybert" and config.search.objective == "mlm"
         mlm_inputs = MlmMasking(tokenizer, config.seed, rank, runtime.device) if mlm else None
-        plan = RunPlan(given_ticket, dense_time, match, mlm_inputs)
+        plan = RunPlan(given_ticket, dense_time, match, mlm_inputs,
+                       WorldSizeChange(allow_world_size_change, ALLOW_WORLD_SIZE_CHANGE))
         run_folder.check_writable(layout.root)
     with agreed_context(hold_run_lock(layout.root, "fine-tuning run") if runtime.is_main
                         else contextlib.nullcontext()):
@@ -439,7 +447,7 @@ def _train(config: FinetuneConfig, task: TaskSpec, runtime: Runtime, layout: Fin
     ticket, search, search_result = plan.ticket, None, None
     if config.mode == "earlybert":
         search, search_result = _search_or_resume(config, task, model, batches, dense_lr, runtime, tensorboard,
-                                                  layout, progress, plan.mlm_inputs)
+                                                  layout, progress, plan)
         ticket = Ticket.from_dict(on_main_rank(lambda: Ticket.load(layout.ticket).to_dict()), where=str(layout.ticket))
     if ticket is not None:
         model = prune(model, ticket)  # the pre-trained weights: EarlyBERT rewinds to them (Sec. 4.2)
@@ -454,7 +462,7 @@ def _train(config: FinetuneConfig, task: TaskSpec, runtime: Runtime, layout: Fin
     evaluation = EpochEvaluation(task, config, eval_sets, squad, runtime, tensorboard, batches.steps_per_epoch,
                                  total_steps, pad_id, layout.best)
     settings = _stage_settings(config, "finetune", lr, Schedule(total_steps, config.warmup, "warmup_linear"),
-                               runtime)
+                               runtime, plan.world_size_change)
     with Stage.build(model, settings, runtime, tensorboard) as stage:
         stage.resume([evaluation])
         result = stage.run(_open_batches(batches, task, runtime.device), total_steps, [evaluation])

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from earlybert_pretrain.common.oserrors import user_filesystem_errors
+from earlybert_pretrain.common.run_folder import ALLOW_WORLD_SIZE_CHANGE
 from earlybert_pretrain.config import PretrainConfig, load_config
 from earlybert_pretrain.errors import ConfigError, LostRankError, UserError
 from earlybert_pretrain.pretrain import dry_run
@@ -28,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. phase1.lr=1e-3")
     parser.add_argument("--resume", action="store_true", help="continue the run in output_dir (or start it)")
     parser.add_argument("--overwrite", action="store_true", help="delete output_dir's previous run first")
+    parser.add_argument(ALLOW_WORLD_SIZE_CHANGE, dest="allow_world_size_change", action="store_true",
+                        help="--resume on another number of ranks than wrote the checkpoints (ZeRO 0: the same "
+                             "samples per step; new per-rank dropout streams)")
     parser.add_argument("--compare-to", type=Path, action="append",
                         help="a finished run's output_dir (repeatable): a dense one gives the time saving; all are "
                              "drawn and tabled beside this run")
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with user_filesystem_errors(cfg.output_dir):  # pretrain() owns its process group (made and ended there)
             pretrain(cfg, resume=args.resume, overwrite=args.overwrite, compare_to=args.compare_to,
-                     match_time=args.match_time, match_flops=args.match_flops)
+                     match_time=args.match_time, match_flops=args.match_flops,
+                     allow_world_size_change=args.allow_world_size_change)
     except (UserError, LostRankError) as err:  # a lost rank: one line naming it, exit 1; anything else: traceback
         print(f"earlybert-pretrain: error: {err}", file=sys.stderr)
         return 2 if isinstance(err, UserError) else 1

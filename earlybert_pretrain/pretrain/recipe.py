@@ -24,6 +24,7 @@ from data_prep.indexed import vocab_digest
 from earlybert_pretrain.common import run_folder
 from earlybert_pretrain.common.files import atomic_write_json, read_json, sha256_file
 from earlybert_pretrain.common.lock import hold_run_lock
+from earlybert_pretrain.common.run_folder import ALLOW_WORLD_SIZE_CHANGE
 from earlybert_pretrain.config import PhaseConfig, PretrainConfig, config_to_dict
 from earlybert_pretrain.errors import ConfigError, RunError
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
@@ -38,7 +39,7 @@ from earlybert_pretrain.tickets.prune import prune
 from earlybert_pretrain.tickets.report import render_report, ticket_report
 from earlybert_pretrain.tickets.search import SlimmingSearch
 from earlybert_pretrain.tickets.ticket import Ticket
-from earlybert_pretrain.train.checkpoint import check_shared
+from earlybert_pretrain.train.checkpoint import WorldSizeChange, check_shared
 from earlybert_pretrain.train.distributed import (
     agreed,
     agreed_context,
@@ -66,6 +67,7 @@ class Run:
     progress: dict  # stage name -> its record (StageResult.to_dict() plus stage extras), as in progress.json
     corpus: ShardedCorpus
     validation: Validation | None = None  # None: the shards hold no validation split (said once)
+    world_size_change: WorldSizeChange = WorldSizeChange()  # resuming checkpoints of another world size
 
     @property
     def is_main(self) -> bool:
@@ -175,7 +177,8 @@ def stage_settings(run: Run, stage: str, phase: PhaseConfig, schedule_steps: int
         grad_clip=cfg.optimizer.grad_clip, zero_stage=cfg.engine.zero_stage, compile=cfg.engine.compile,
         reduce_bucket_size=cfg.engine.reduce_bucket_size, allgather_bucket_size=cfg.engine.allgather_bucket_size,
         checkpoint_dir=run.layout.checkpoints, checkpoint_every=cfg.engine.checkpoint_every,
-        keep_checkpoints=cfg.engine.keep_checkpoints, log_every=cfg.engine.log_every)
+        keep_checkpoints=cfg.engine.keep_checkpoints, log_every=cfg.engine.log_every,
+        world_size_change=run.world_size_change)
 
 
 def geometry(model: BertForPreTraining) -> dict:
@@ -351,8 +354,9 @@ def reduce_steps(cfg: PretrainConfig, compare_to: list[Path], match_time: Path |
 @leaving_process_group()  # a group created here ends here: pretrain() runs again in the same process
 def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
              compare_to: Path | list[Path] | None = None, match_time: Path | None = None,
-             match_flops: Path | None = None) -> dict:
-    """The whole recipe as a table of contents: join the ranks, check, prepare the folder, ticket, phases, report."""
+             match_flops: Path | None = None, allow_world_size_change: bool = False) -> dict:
+    """The whole recipe as a table of contents: join the ranks, check, prepare the folder, ticket, phases, report.
+    ``allow_world_size_change``: resume checkpoints written by another number of ranks (ZeRO 0)."""
     compare_to = [] if compare_to is None else [Path(compare_to)] if isinstance(compare_to, str | Path) else compare_to
     rank, world_size, device = init_distributed(cfg.engine.collective_timeout_s)
     # No force=True: a host application's (or pytest's) logging set-up stays as it is.
@@ -373,7 +377,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
                         else contextlib.nullcontext()):
         progress = prepare_output(cfg, layout, resume, overwrite)
         tensorboard = TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main)
-        run = Run(cfg, layout, runtime, tensorboard, progress, corpus, validation)
+        run = Run(cfg, layout, runtime, tensorboard, progress, corpus, validation,
+                  WorldSizeChange(allow_world_size_change, ALLOW_WORLD_SIZE_CHANGE))
         ticket = obtain_ticket(run, phase_steps(cfg, dense=True))
         train_phases(run, ticket)
         report = None

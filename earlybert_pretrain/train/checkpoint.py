@@ -7,12 +7,16 @@ a tag whose files no longer match their marker (missing, truncated, flipped byte
 
 Checkpoints are read with ``torch.load(weights_only=True)`` and the few DeepSpeed classes they hold (``SafeFiles``):
 a file that would run code on loading is refused, not executed. A full disk while saving removes the half-written tag
-and names the last complete one, which stays. The marker records the world size: a checkpoint resumes only on as many
-ranks as wrote it (each rank's samples, dropout stream and ZeRO partition depend on it).
+and names the last complete one, which stays. The marker records the world size: a checkpoint resumes on as many ranks
+as wrote it; on another number only when the caller accepts the change (``--allow-world-size-change``) and the
+optimizer state is whole in every checkpoint (ZeRO 0: DeepSpeed cannot re-partition ZeRO 1/2 state). Each step then
+trains on the same global samples (pre-training's samples are a function of the step and the global batch), from the
+same weights and optimizer state; the dropout streams of the ranks and the summation order are new.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,6 +25,7 @@ import random
 import re
 import secrets
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,18 +62,31 @@ def capture_rng_state() -> dict:
 
 
 def restore_rng_state(state: dict) -> None:
-    """Put back this rank's own generators, as ``capture_rng_state`` took them on the same world size."""
+    """Put back this rank's own generators, as ``capture_rng_state`` took them. After an accepted change of world
+    size (``load_latest_checkpoint``), a rank the saved run did not have gets generators seeded from rank 0's saved
+    state and its own rank: a new stream, the same on every rerun."""
     by_rank = state["by_rank"]
-    if len(by_rank) != world_size():
-        raise RunError(f"the RNG state was saved by {len(by_rank)} rank(s), this run has {world_size()}; resume on "
-                       f"{len(by_rank)} rank(s)")
-    local = by_rank[rank()]
+    if rank() < len(by_rank):
+        _set_rng_state(by_rank[rank()])
+    else:
+        _seed_rng(by_rank[0], rank())
+
+
+def _set_rng_state(local: dict) -> None:
     random.setstate(local["python"])
     name, key, position, has_gauss, gauss = local["numpy"]
     np.random.set_state((name, np.array(key, dtype=np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(local["torch"])
     if "cuda" in local and torch.cuda.is_available():
         torch.cuda.set_rng_state(local["cuda"])
+
+
+def _seed_rng(base: dict, new_rank: int) -> None:
+    digest = hashlib.sha256(base["torch"].numpy().tobytes() + new_rank.to_bytes(4, "little")).digest()
+    seed = int.from_bytes(digest[:8], "little") >> 1  # torch.manual_seed takes a non-negative int64
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # the CUDA generators too
 
 
 def _deepspeed_globals() -> list:
@@ -271,17 +289,18 @@ def _check_files(tag_dir: Path, marker: dict) -> str | None:
 
 
 def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | None = None,
-                           **load_options: bool) -> dict | None:
+                           world_size_change: WorldSizeChange | None = None, **load_options: bool) -> dict | None:
     """Load the newest complete checkpoint (of ``stage``, when given) into ``engine``; return its client state.
     ``load_options`` go to DeepSpeed's ``load_checkpoint`` (e.g. ``load_lr_scheduler_states=False``).
 
     The tag named by ``latest`` comes first; when its files are missing, truncated, changed (sha256) or fail to load,
     the previous complete tag is tried, with a warning that names the tag and the file. None when there is no
     checkpoint to try; an error when every one was tried and failed while loading, as the engine may then hold part
-    of one. Refused at once (RunError): checkpoints written by another world size, a file that would run code.
+    of one. Refused at once (RunError): a file that would run code; checkpoints written by another world size unless
+    ``world_size_change`` accepts it (and the engine's optimizer state is whole: ZeRO 0).
     """
     ckpt_dir = Path(ckpt_dir)
-    _check_world_size(ckpt_dir)
+    _check_world_size(ckpt_dir, engine, world_size_change or WorldSizeChange())
     _safe_files(engine)
     candidates = complete_checkpoints(ckpt_dir, stage)
     latest_path = ckpt_dir / LATEST_FILE
@@ -317,16 +336,37 @@ def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | Non
     return None
 
 
-def _check_world_size(ckpt_dir: Path) -> None:
-    """Refuse a run's checkpoints on another world size (the newest one of any stage decides, so a stage that
-    starts fresh after a restart cannot switch either): each rank's samples, its dropout stream and, under ZeRO, its
-    optimizer partition belong to the world size that wrote them."""
+@dataclass(frozen=True)
+class WorldSizeChange:
+    """Whether a run may resume checkpoints written by another number of ranks, and the flag that says so (named in
+    the refusal; None where the program has no such flag)."""
+
+    accepted: bool = False
+    flag: str | None = None
+
+
+def _check_world_size(ckpt_dir: Path, engine, change: WorldSizeChange) -> None:
+    """Refuse a run's checkpoints on another world size unless ``change`` accepts it and the optimizer state is whole
+    (ZeRO 0). The newest checkpoint of any stage decides, so a stage that starts fresh after a restart cannot switch
+    either."""
     saved = next((marker["world_size"] for marker in reversed(complete_checkpoints(ckpt_dir))
                   if "world_size" in marker), None)
-    if saved is not None and saved != world_size():
-        raise RunError(f"{ckpt_dir}: the run's checkpoints were saved by {saved} rank(s), this run has "
-                       f"{world_size()}; resume it on {saved} rank(s) (the samples, dropout and optimizer partitions "
-                       f"each rank continues are its own), or pass --overwrite to start over")
+    now = world_size()
+    if saved is None or saved == now:
+        return
+    found = f"{ckpt_dir}: the run's checkpoints were saved by {saved} rank(s), this run has {now}"
+    zero_stage = engine.zero_optimization_stage()
+    if zero_stage in (1, 2):  # no flag can help
+        raise RunError(f"{found}: under ZeRO {zero_stage} each rank saved its own partition of the optimizer state, "
+                       f"which DeepSpeed cannot re-partition over {now}; resume it on {saved} rank(s), or pass "
+                       "--overwrite to start over")
+    if not change.accepted:
+        accept = f", pass {change.flag} to continue on {now} (the same samples per step; new per-rank random " \
+            "streams)" if change.flag else ""
+        raise RunError(f"{found}; resume it on {saved} rank(s) (the dropout streams and optimizer partitions each "
+                       f"rank continues are its own){accept}, or pass --overwrite to start over")
+    logger.warning("%s: continuing on %d rank(s) as asked: the same samples per step from the same weights and "
+                   "optimizer state; the ranks' dropout streams and the summation order are new", found, now)
 
 
 def check_shared(ckpt_dir: Path) -> None:
