@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from finetune_fixtures import FILLER, make_tiny_model, sentiment_rows, write_tsv
 from test_finetune_data import _squad_file
-from test_finetune_fixtures import FILLER, make_tiny_model, sentiment_rows, write_tsv
 
 from earlybert_pretrain.finetune.downstream_cli import main
 from earlybert_pretrain.finetune.table import format_table

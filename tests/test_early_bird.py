@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from early_bird_reference import first_converged_step, recorded_masks, window_distances
-from test_finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
+from finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
 from test_pretrain import run_cli, tiny_recipe
 
 from earlybert_pretrain.tickets.ticket import Ticket

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from finetune_fixtures import write_jsonl, write_tsv
 from minilm import require_minilm
-from test_finetune_fixtures import write_jsonl, write_tsv
 
 from earlybert_pretrain.finetune.data import load_task_data
 from earlybert_pretrain.finetune.features import MissingTokenizerError, encode_classification, load_tokenizer

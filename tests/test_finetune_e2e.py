@@ -17,9 +17,9 @@ import scipy.stats
 import torch
 import transformers
 from early_bird_reference import first_converged_step
+from finetune_fixtures import FILLER, NEGATIVE, POSITIVE, make_tiny_model, sentiment_rows, write_jsonl, write_tsv
 from minilm import MINILM, needs_minilm
 from test_finetune_data import MNLI_HEADER, _mnli_rows, _squad_file
-from test_finetune_fixtures import FILLER, NEGATIVE, POSITIVE, make_tiny_model, sentiment_rows, write_jsonl, write_tsv
 from test_pretrain import subprocess_env
 
 from earlybert_pretrain.finetune.cli import main
@@ -203,7 +203,7 @@ def test_squad_earlybert_learns_an_easy_fixture(tiny, tmp_path):
 
 def _pretraining_ticket(tmp_path: Path, **geometry) -> Path:
     """A ticket drawn during pre-training: from a BertForPreTraining's slimming coefficients."""
-    from test_finetune_fixtures import TINY_CONFIG
+    from finetune_fixtures import TINY_CONFIG
 
     from earlybert_pretrain.model.bert import BertConfig
 

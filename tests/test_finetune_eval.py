@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_finetune_fixtures import make_tiny_model
+from finetune_fixtures import make_tiny_model
 
 from earlybert_pretrain.finetune import loop
 from earlybert_pretrain.finetune.models import BertForQuestionAnswering, BertForSequenceClassification

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers
-from test_finetune_fixtures import make_tiny_model
+from finetune_fixtures import make_tiny_model
 
 from earlybert_pretrain.finetune.models import BertForQuestionAnswering, BertForSequenceClassification
 from earlybert_pretrain.tickets.draw import random_ticket

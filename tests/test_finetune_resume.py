@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
 from safetensors.torch import load_file
-from test_finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
 from test_pretrain import run_cli as run_process
 
 

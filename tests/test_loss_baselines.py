@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
+from finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
 from test_pretrain import tiny_recipe
 
 from earlybert_pretrain.finetune import cli as finetune_cli

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_finetune_fixtures import TINY_CONFIG, VOCAB, make_tiny_model, sentiment_rows, write_jsonl
+from finetune_fixtures import TINY_CONFIG, VOCAB, make_tiny_model, sentiment_rows, write_jsonl
 
 from earlybert_pretrain.common.tokens import IGNORE_INDEX
 from earlybert_pretrain.finetune.cli import main

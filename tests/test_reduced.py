@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_finetune_fixtures import TINY_CONFIG, make_tiny_model, sentiment_rows, write_jsonl
+from finetune_fixtures import TINY_CONFIG, make_tiny_model, sentiment_rows, write_jsonl
 from test_pretrain import tiny_recipe
 
 from earlybert_pretrain.config import PretrainConfig, build_dataclass, config_to_dict

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
+from finetune_fixtures import make_tiny_model, sentiment_rows, write_jsonl
 from test_pretrain import subprocess_env, tiny_recipe
 
 pytest_plugins = ["data_fixtures"]
