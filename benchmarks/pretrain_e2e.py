@@ -43,10 +43,10 @@ from earlybert_pretrain.tickets.ticket import Ticket
 
 REPO = Path(__file__).resolve().parent.parent
 
-BASE_CONFIG = REPO / "configs/pretrain_demo_cpu.yaml"  # the demo recipe: fp32, ZeRO 0, two LAMB phases
+BASE_CONFIG = REPO / "configs/pretrain_bench_cpu.yaml"  # fp32, ZeRO 0, two LAMB phases on configs/small.yaml
 # BERT-base proportions at a CPU size: head size 32, FFN = 4 x hidden; 4 of 12 heads and 30% FFN pruned (Sec. 4.3).
 # 150 steps split 135 + 15 (Sec. 4.1: 9/10 at the short length); search 7 steps = 4.7% (Sec. 4.3: 400 of 8,601).
-# The demo recipe already has the benchmark's model (configs/small.yaml), ticket and batches; shorter, no checkpoints.
+# The recipe already has the benchmark's model (configs/small.yaml), ticket and batches; shorter, no checkpoints.
 BENCH_OVERRIDES = ("total_steps=150", "search.steps=7", "engine.checkpoint_every=100000")
 RESERVED_KEYS = ("mode", "output_dir", "data.shard_dir")  # set by the benchmark itself
 PHASES = ("phase1", "phase2")
