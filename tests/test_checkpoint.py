@@ -12,13 +12,11 @@ from test_engine import batches, make_engine, parameters, tiny_model, train_step
 
 from earlybert_pretrain.common.files import sha256_file
 from earlybert_pretrain.common.oserrors import FileSystemError
-from earlybert_pretrain.common.run_folder import ALLOW_WORLD_SIZE_CHANGE
 from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.errors import RunError
 from earlybert_pretrain.train import checkpoint
 from earlybert_pretrain.train.checkpoint import (
     COMPLETE_MARKER,
-    WorldSizeChange,
     capture_rng_state,
     checkpoint_tag,
     load_latest_checkpoint,
@@ -192,7 +190,7 @@ def test_a_world_size_change_is_refused_naming_the_flag_and_continued_with_it(si
     before = files_of(tmp_path)
     refused, _ = make_engine(tiny_model(seed=5, dropout=0.1))
     with pytest.raises(RunError) as refusal:
-        load_latest_checkpoint(refused, tmp_path, "phase1", WorldSizeChange(False, ALLOW_WORLD_SIZE_CHANGE))
+        load_latest_checkpoint(refused, tmp_path, "phase1", allow_world_size_change=False)
     assert str(refusal.value) == (
         f"{tmp_path}: the run's checkpoints were saved by 2 rank(s), this run has 1; resume it on 2 rank(s) (the "
         "dropout streams and optimizer partitions each rank continues are its own), pass --allow-world-size-change "
@@ -201,7 +199,7 @@ def test_a_world_size_change_is_refused_naming_the_flag_and_continued_with_it(si
 
     resumed, _ = make_engine(tiny_model(seed=5, dropout=0.1))
     with caplog.at_level(logging.WARNING, logger="earlybert_pretrain"):
-        client = load_latest_checkpoint(resumed, tmp_path, "phase1", WorldSizeChange(True, ALLOW_WORLD_SIZE_CHANGE))
+        client = load_latest_checkpoint(resumed, tmp_path, "phase1", allow_world_size_change=True)
     assert client["step"] == 2 and resumed.global_steps == 2
     assert "continuing on 1 rank(s) as asked" in caplog.text
     assert all(torch.equal(value, saved["weights"][name]) for name, value in parameters(resumed).items())
@@ -224,7 +222,7 @@ def test_under_zero_2_a_world_size_change_is_refused_accepted_or_not(single_proc
                 r"--overwrite to start over$")
     for accepted in (False, True):
         with pytest.raises(RunError, match=expected):
-            load_latest_checkpoint(engine, tmp_path, "phase1", WorldSizeChange(accepted, ALLOW_WORLD_SIZE_CHANGE))
+            load_latest_checkpoint(engine, tmp_path, "phase1", allow_world_size_change=accepted)
     assert files_of(tmp_path) == before
 
 

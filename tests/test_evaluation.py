@@ -117,7 +117,7 @@ def test_two_ranks_sum_to_one_rank(corpus) -> None:
         assert shares[0][seq_len][3] > 0 and shares[1][seq_len][3] > 0  # each rank scored a share
 
 
-def synthetic_validation(count: int, rows: int = 4) -> Validation:
+def synthetic_validation(count: int, rows: int = 4, kind: type[Validation] = Validation) -> Validation:
     generator = torch.Generator().manual_seed(11)
     batches = []
     for _ in range(count):
@@ -127,7 +127,7 @@ def synthetic_validation(count: int, rows: int = 4) -> Validation:
         batches.append({"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
                         "attention_mask": torch.ones_like(ids), "labels": labels,
                         "next_sentence_label": torch.randint(0, 2, (rows,), generator=generator)})
-    return Validation({16: batches}, runtime())
+    return kind({16: batches}, runtime())
 
 
 def open_batches(start: int):
@@ -177,8 +177,7 @@ class CostlyValidation(Validation):
 
 def test_evaluation_is_outside_the_step_time_and_leaves_the_training_losses_alone(single_process_dist) -> None:
     plain = train(6, [])
-    validation = synthetic_validation(8, rows=16)
-    hook = ValidationHook(CostlyValidation(validation.batches, runtime()), 3, NO_TENSORBOARD, step_offset=0)
+    hook = ValidationHook(synthetic_validation(8, rows=16, kind=CostlyValidation), 3, NO_TENSORBOARD, step_offset=0)
     evaluated = train(6, [hook])
     assert evaluated.losses == plain.losses  # no training random number drawn (dropout on), bit for bit
     assert [record["step"] for record in hook.records] == [3, 6]  # the end was just scored

@@ -30,7 +30,6 @@ from earlybert_pretrain.common import run_folder
 from earlybert_pretrain.common.files import atomic_write_json, read_json, sha256_file
 from earlybert_pretrain.common.lock import hold_run_lock
 from earlybert_pretrain.common.masking import mask_tokens
-from earlybert_pretrain.common.run_folder import ALLOW_WORLD_SIZE_CHANGE
 from earlybert_pretrain.common.tokens import IGNORE_INDEX
 from earlybert_pretrain.config import OptimizerConfig
 from earlybert_pretrain.errors import ConfigError, DataError, ModelFolderError
@@ -48,7 +47,7 @@ from earlybert_pretrain.tickets.draw import random_ticket
 from earlybert_pretrain.tickets.prune import prune
 from earlybert_pretrain.tickets.search import SearchOutcome, SlimmingSearch
 from earlybert_pretrain.tickets.ticket import Ticket
-from earlybert_pretrain.train.checkpoint import WorldSizeChange, check_shared
+from earlybert_pretrain.train.checkpoint import check_shared
 from earlybert_pretrain.train.distributed import agreed, agreed_context, barrier, leaving_process_group, on_main_rank
 from earlybert_pretrain.train.engine import init_distributed, resolve_precision
 from earlybert_pretrain.train.stage import Runtime, Schedule, Stage, StageHook, StageResult, StageSettings
@@ -141,7 +140,7 @@ def _prepare_data(config: FinetuneConfig, task: TaskSpec, tokenizer,
 
 
 def _stage_settings(config: FinetuneConfig, name: str, lr: float, schedule: Schedule, runtime: Runtime,
-                    world_size_change: WorldSizeChange) -> StageSettings:
+                    allow_world_size_change: bool) -> StageSettings:
     """A fine-tuning stage on the backend (AdamW, Sec. 4.1), checkpointed in output_dir/checkpoints/."""
     optimizer = OptimizerConfig(name="adamw", eps=config.adam_eps, weight_decay=config.weight_decay,
                                 grad_clip=config.grad_clip)
@@ -150,7 +149,7 @@ def _stage_settings(config: FinetuneConfig, name: str, lr: float, schedule: Sche
                          schedule=schedule, grad_clip=config.grad_clip,
                          checkpoint_dir=FinetuneLayout(Path(config.output_dir)).checkpoints,
                          checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-                         log_every=config.log_every, world_size_change=world_size_change)
+                         log_every=config.log_every, allow_world_size_change=allow_world_size_change)
 
 
 def _open_batches(batches: TrainBatches, task: TaskSpec, device: torch.device, prepare=None):
@@ -278,7 +277,7 @@ def _search(config: FinetuneConfig, task: TaskSpec, model, batches: TrainBatches
                             tensorboard)
     search_lr = lr if settings.lr is None else settings.lr
     stage_settings = _stage_settings(config, "search", search_lr, Schedule(planned, kind=None), runtime,
-                                     plan.world_size_change)
+                                     plan.allow_world_size_change)
     with Stage.build(searched, stage_settings, runtime, tensorboard) as stage:
         stage.resume([search])
         result = stage.run(_open_batches(batches, task, runtime.device, mlm_inputs), planned, [search])
@@ -365,7 +364,7 @@ class RunPlan:
     dense_time: dict | None
     match: reduced.StepMatch | None
     mlm_inputs: MlmMasking | None
-    world_size_change: WorldSizeChange
+    allow_world_size_change: bool
 
 
 def _dense_time(config: FinetuneConfig, task: TaskSpec) -> dict | None:
@@ -417,8 +416,7 @@ def run(config: FinetuneConfig, resume: bool = False, overwrite: bool = False,
             given_ticket.check_fits(model.config)
         mlm = config.mode == "earlybert" and config.search.objective == "mlm"
         mlm_inputs = MlmMasking(tokenizer, config.seed, rank, runtime.device) if mlm else None
-        plan = RunPlan(given_ticket, dense_time, match, mlm_inputs,
-                       WorldSizeChange(allow_world_size_change, ALLOW_WORLD_SIZE_CHANGE))
+        plan = RunPlan(given_ticket, dense_time, match, mlm_inputs, allow_world_size_change)
         run_folder.check_writable(layout.root)
     with agreed_context(hold_run_lock(layout.root, "fine-tuning run") if runtime.is_main
                         else contextlib.nullcontext()):
@@ -462,7 +460,7 @@ def _train(config: FinetuneConfig, task: TaskSpec, runtime: Runtime, layout: Fin
     evaluation = EpochEvaluation(task, config, eval_sets, squad, runtime, tensorboard, batches.steps_per_epoch,
                                  total_steps, pad_id, layout.best)
     settings = _stage_settings(config, "finetune", lr, Schedule(total_steps, config.warmup, "warmup_linear"),
-                               runtime, plan.world_size_change)
+                               runtime, plan.allow_world_size_change)
     with Stage.build(model, settings, runtime, tensorboard) as stage:
         stage.resume([evaluation])
         result = stage.run(_open_batches(batches, task, runtime.device), total_steps, [evaluation])

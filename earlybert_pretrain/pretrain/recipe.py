@@ -24,7 +24,6 @@ from data_prep.indexed import vocab_digest
 from earlybert_pretrain.common import run_folder
 from earlybert_pretrain.common.files import atomic_write_json, read_json, sha256_file
 from earlybert_pretrain.common.lock import hold_run_lock
-from earlybert_pretrain.common.run_folder import ALLOW_WORLD_SIZE_CHANGE
 from earlybert_pretrain.config import PhaseConfig, PretrainConfig, config_to_dict
 from earlybert_pretrain.errors import ConfigError, RunError
 from earlybert_pretrain.model.bert import BertConfig, BertForPreTraining
@@ -39,7 +38,7 @@ from earlybert_pretrain.tickets.prune import prune
 from earlybert_pretrain.tickets.report import render_report, ticket_report
 from earlybert_pretrain.tickets.search import SlimmingSearch
 from earlybert_pretrain.tickets.ticket import Ticket
-from earlybert_pretrain.train.checkpoint import WorldSizeChange, check_shared
+from earlybert_pretrain.train.checkpoint import check_shared
 from earlybert_pretrain.train.distributed import (
     agreed,
     agreed_context,
@@ -67,7 +66,7 @@ class Run:
     progress: dict  # stage name -> its record (StageResult.to_dict() plus stage extras), as in progress.json
     corpus: ShardedCorpus
     validation: Validation | None = None  # None: the shards hold no validation split (said once)
-    world_size_change: WorldSizeChange = WorldSizeChange()  # resuming checkpoints of another world size
+    allow_world_size_change: bool = False  # resume checkpoints written by another number of ranks (ZeRO 0)
 
     @property
     def is_main(self) -> bool:
@@ -178,7 +177,7 @@ def stage_settings(run: Run, stage: str, phase: PhaseConfig, schedule_steps: int
         reduce_bucket_size=cfg.engine.reduce_bucket_size, allgather_bucket_size=cfg.engine.allgather_bucket_size,
         checkpoint_dir=run.layout.checkpoints, checkpoint_every=cfg.engine.checkpoint_every,
         keep_checkpoints=cfg.engine.keep_checkpoints, log_every=cfg.engine.log_every,
-        world_size_change=run.world_size_change)
+        allow_world_size_change=run.allow_world_size_change)
 
 
 def geometry(model: BertForPreTraining) -> dict:
@@ -377,8 +376,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, overwrite: bool = False,
                         else contextlib.nullcontext()):
         progress = prepare_output(cfg, layout, resume, overwrite)
         tensorboard = TensorBoardLogger(layout.tensorboard, enabled=runtime.is_main)
-        run = Run(cfg, layout, runtime, tensorboard, progress, corpus, validation,
-                  WorldSizeChange(allow_world_size_change, ALLOW_WORLD_SIZE_CHANGE))
+        run = Run(cfg, layout, runtime, tensorboard, progress, corpus, validation, allow_world_size_change)
         ticket = obtain_ticket(run, phase_steps(cfg, dense=True))
         train_phases(run, ticket)
         report = None

@@ -25,7 +25,6 @@ import random
 import re
 import secrets
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ import torch.distributed as dist
 
 from earlybert_pretrain.common.files import atomic_write_json, atomic_write_text, sha256_file
 from earlybert_pretrain.common.oserrors import USER_ERRNOS, FileSystemError
+from earlybert_pretrain.common.run_folder import ALLOW_WORLD_SIZE_CHANGE
 from earlybert_pretrain.errors import ConfigError, RunError, UserError
 from earlybert_pretrain.train.distributed import barrier, from_every_rank, rank, world_size
 
@@ -289,7 +289,7 @@ def _check_files(tag_dir: Path, marker: dict) -> str | None:
 
 
 def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | None = None,
-                           world_size_change: WorldSizeChange | None = None, **load_options: bool) -> dict | None:
+                           allow_world_size_change: bool = False, **load_options: bool) -> dict | None:
     """Load the newest complete checkpoint (of ``stage``, when given) into ``engine``; return its client state.
     ``load_options`` go to DeepSpeed's ``load_checkpoint`` (e.g. ``load_lr_scheduler_states=False``).
 
@@ -297,10 +297,11 @@ def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | Non
     the previous complete tag is tried, with a warning that names the tag and the file. None when there is no
     checkpoint to try; an error when every one was tried and failed while loading, as the engine may then hold part
     of one. Refused at once (RunError): a file that would run code; checkpoints written by another world size unless
-    ``world_size_change`` accepts it (and the engine's optimizer state is whole: ZeRO 0).
+    ``allow_world_size_change`` (the recipes' ``--allow-world-size-change``) and the engine's optimizer state is
+    whole (ZeRO 0).
     """
     ckpt_dir = Path(ckpt_dir)
-    _check_world_size(ckpt_dir, engine, world_size_change or WorldSizeChange())
+    _check_world_size(ckpt_dir, engine, allow_world_size_change)
     _safe_files(engine)
     candidates = complete_checkpoints(ckpt_dir, stage)
     latest_path = ckpt_dir / LATEST_FILE
@@ -336,19 +337,9 @@ def load_latest_checkpoint(engine, ckpt_dir: str | os.PathLike, stage: str | Non
     return None
 
 
-@dataclass(frozen=True)
-class WorldSizeChange:
-    """Whether a run may resume checkpoints written by another number of ranks, and the flag that says so (named in
-    the refusal; None where the program has no such flag)."""
-
-    accepted: bool = False
-    flag: str | None = None
-
-
-def _check_world_size(ckpt_dir: Path, engine, change: WorldSizeChange) -> None:
-    """Refuse a run's checkpoints on another world size unless ``change`` accepts it and the optimizer state is whole
-    (ZeRO 0). The newest checkpoint of any stage decides, so a stage that starts fresh after a restart cannot switch
-    either."""
+def _check_world_size(ckpt_dir: Path, engine, allowed: bool) -> None:
+    """Refuse a run's checkpoints on another world size unless ``allowed`` and the optimizer state is whole (ZeRO 0).
+    The newest checkpoint of any stage decides, so a stage that starts fresh after a restart cannot switch either."""
     saved = next((marker["world_size"] for marker in reversed(complete_checkpoints(ckpt_dir))
                   if "world_size" in marker), None)
     now = world_size()
@@ -360,11 +351,10 @@ def _check_world_size(ckpt_dir: Path, engine, change: WorldSizeChange) -> None:
         raise RunError(f"{found}: under ZeRO {zero_stage} each rank saved its own partition of the optimizer state, "
                        f"which DeepSpeed cannot re-partition over {now}; resume it on {saved} rank(s), or pass "
                        "--overwrite to start over")
-    if not change.accepted:
-        accept = f", pass {change.flag} to continue on {now} (the same samples per step; new per-rank random " \
-            "streams)" if change.flag else ""
+    if not allowed:
         raise RunError(f"{found}; resume it on {saved} rank(s) (the dropout streams and optimizer partitions each "
-                       f"rank continues are its own){accept}, or pass --overwrite to start over")
+                       f"rank continues are its own), pass {ALLOW_WORLD_SIZE_CHANGE} to continue on {now} (the same "
+                       "samples per step; new per-rank random streams), or pass --overwrite to start over")
     logger.warning("%s: continuing on %d rank(s) as asked: the same samples per step from the same weights and "
                    "optimizer state; the ranks' dropout streams and the summation order are new", found, now)
 

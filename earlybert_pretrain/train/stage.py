@@ -38,7 +38,6 @@ from torch import nn
 from earlybert_pretrain.config import EngineConfig, OptimizerConfig
 from earlybert_pretrain.errors import RunError
 from earlybert_pretrain.train.checkpoint import (
-    WorldSizeChange,
     capture_rng_state,
     checkpoint_tag,
     complete_checkpoints,
@@ -102,7 +101,7 @@ class StageSettings:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 10
-    world_size_change: WorldSizeChange = WorldSizeChange()  # resuming checkpoints of another world size: refused
+    allow_world_size_change: bool = False  # resume checkpoints written by another number of ranks (ZeRO 0)
 
 
 class StageHook:
@@ -271,7 +270,7 @@ class Stage:
         if self.settings.checkpoint_dir is None:
             return False
         client = load_latest_checkpoint(self.engine, self.settings.checkpoint_dir, self.settings.name,
-                                        self.settings.world_size_change)
+                                        self.settings.allow_world_size_change)
         if client is None:
             return False
         self.step, self.losses = client["step"], client["losses"]
@@ -299,7 +298,7 @@ class Stage:
         if saved and saved[-1] is not None and saved[-1] != geometry:
             raise RunError(self._geometry_mismatch(stage, saved[-1], geometry))
         client = load_latest_checkpoint(
-            self.engine, self.settings.checkpoint_dir, stage, self.settings.world_size_change,
+            self.engine, self.settings.checkpoint_dir, stage, self.settings.allow_world_size_change,
             load_optimizer_states=with_optimizer,
             load_lr_scheduler_states=False, load_module_only=not with_optimizer)
         if client is None:
